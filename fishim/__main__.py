@@ -1,0 +1,5 @@
+"""``python -m fishim`` is the ``fishim`` command."""
+
+from fishim.cli import main
+
+main()

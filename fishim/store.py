@@ -1,0 +1,426 @@
+"""The SQLite store: event log, order projection, retained state, receipts, users, dead letters.
+
+One file in WAL mode. The bridge is the only writer of events; the CLI and the broker read through
+their own connections (``readonly=True``) while it runs. The schema is created and migrated here,
+versioned by ``PRAGMA user_version``, never by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+from pydantic import BaseModel, Field
+
+log = logging.getLogger("fishim.store")
+
+SCHEMA_VERSION = 1
+
+_SCHEMA_V1 = """
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    order_id TEXT NOT NULL,
+    order_seq INTEGER NOT NULL,
+    channel TEXT NOT NULL,
+    topic TEXT NOT NULL,
+    sender TEXT NOT NULL,
+    ts INTEGER NOT NULL,
+    received_at INTEGER NOT NULL,
+    retain INTEGER NOT NULL DEFAULT 0,
+    payload TEXT NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS events_order_seq ON events(order_id, order_seq);
+CREATE INDEX IF NOT EXISTS events_order_channel ON events(order_id, channel, seq);
+CREATE TABLE IF NOT EXISTS orders (
+    id TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    customer TEXT,
+    rider TEXT,
+    items TEXT NOT NULL DEFAULT '[]',
+    picked TEXT NOT NULL DEFAULT '{}',
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL,
+    last_seq INTEGER NOT NULL,
+    order_seq INTEGER NOT NULL,
+    last_location TEXT
+);
+CREATE INDEX IF NOT EXISTS orders_state ON orders(state, updated_at);
+CREATE INDEX IF NOT EXISTS orders_rider ON orders(rider, updated_at);
+CREATE INDEX IF NOT EXISTS orders_customer ON orders(customer, updated_at);
+CREATE INDEX IF NOT EXISTS orders_updated ON orders(updated_at);
+CREATE TABLE IF NOT EXISTS retained (
+    topic TEXT PRIMARY KEY,
+    payload BLOB NOT NULL,
+    qos INTEGER NOT NULL DEFAULT 1,
+    seq INTEGER,
+    updated_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS receipts (
+    order_id TEXT NOT NULL,
+    member TEXT NOT NULL,
+    read_up_to INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL,
+    PRIMARY KEY (order_id, member)
+);
+CREATE TABLE IF NOT EXISTS users (
+    name TEXT PRIMARY KEY,
+    role TEXT NOT NULL,
+    password_hash TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS deadletters (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    received_at INTEGER NOT NULL,
+    topic TEXT NOT NULL,
+    user TEXT,
+    msg_id TEXT,
+    error TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    payload BLOB
+);
+CREATE INDEX IF NOT EXISTS deadletters_received ON deadletters(received_at);
+"""
+
+MIGRATIONS: dict[int, str] = {1: _SCHEMA_V1}
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class NewEvent(BaseModel):
+    """An accepted message on its way into the log."""
+
+    id: str
+    order_id: str
+    channel: str
+    topic: str
+    sender: str
+    ts: int
+    payload: str  # the JSON text as received (unknown fields kept)
+    retain: bool = False
+
+
+class StoredEvent(NewEvent):
+    seq: int
+    order_seq: int
+    received_at: int
+
+    def payload_dict(self) -> dict[str, Any]:
+        return json.loads(self.payload)
+
+
+class OrderRow(BaseModel):
+    """The order projection, rebuilt from the event log if needed."""
+
+    id: str
+    state: str
+    customer: str | None = None
+    rider: str | None = None
+    items: list[dict[str, Any]] = Field(default_factory=list)
+    picked: dict[str, int] = Field(default_factory=dict)
+    created_at: int
+    updated_at: int
+    last_seq: int
+    order_seq: int
+    last_location: dict[str, Any] | None = None
+
+
+class UserRow(BaseModel):
+    name: str
+    role: str
+    password_hash: str
+    created_at: int
+
+
+class DeadLetter(BaseModel):
+    id: int | None = None
+    received_at: int
+    topic: str
+    user: str | None = None
+    msg_id: str | None = None
+    error: str
+    detail: str
+    payload: bytes | None = None
+
+
+class RetainedRow(BaseModel):
+    topic: str
+    payload: bytes
+    qos: int = 1
+    seq: int | None = None
+    updated_at: int
+
+
+_EVENT_COLS = "seq, id, order_id, order_seq, channel, topic, sender, ts, received_at, retain, payload"
+_ORDER_COLS = (
+    "id, state, customer, rider, items, picked, created_at, updated_at, last_seq, order_seq, last_location"
+)
+
+
+class StoreError(Exception):
+    """The store file is missing or unusable; ``str()`` is one line for the CLI."""
+
+
+class Store:
+    """Typed access to the fishim SQLite file."""
+
+    def __init__(self, path: Path | str, *, readonly: bool = False) -> None:
+        self.path = Path(path)
+        self.readonly = readonly
+        self.conn = self._connect()
+        self.db = sqlite_utils.Database(self.conn)
+        if not readonly:
+            self.migrate()
+
+    def _connect(self) -> sqlite3.Connection:
+        if self.readonly:
+            if not self.path.exists():
+                raise StoreError(f"no store at {self.path} (start `fishim up` or pass --db)")
+            conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False,
+                                   isolation_level=None)
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA busy_timeout=5000")
+        return conn
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- schema -------------------------------------------------------------------------------
+
+    def migrate(self) -> None:
+        """Bring the file up to :data:`SCHEMA_VERSION`, one migration per transaction."""
+        version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            with self.transaction():
+                for statement in MIGRATIONS[target].split(";"):
+                    if statement.strip():
+                        self.conn.execute(statement)
+                self.conn.execute(f"PRAGMA user_version={target}")
+            log.info("store migrated path=%s version=%d", self.path, target)
+
+    @property
+    def schema_version(self) -> int:
+        return int(self.conn.execute("PRAGMA user_version").fetchone()[0])
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE … COMMIT; rolled back on any exception."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    # -- events -------------------------------------------------------------------------------
+
+    def insert_event(self, event: NewEvent, order_seq: int, received_at: int | None = None) -> int | None:
+        """Append one event inside the caller's transaction; None if its id is already stored."""
+        cur = self.conn.execute(
+            "INSERT OR IGNORE INTO events (id, order_id, order_seq, channel, topic, sender, ts, received_at,"
+            " retain, payload) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (event.id, event.order_id, order_seq, event.channel, event.topic, event.sender, event.ts,
+             received_at or now_ms(), int(event.retain), event.payload),
+        )
+        return cur.lastrowid if cur.rowcount else None
+
+    def has_event(self, event_id: str) -> bool:
+        return self.conn.execute("SELECT 1 FROM events WHERE id=?", (event_id,)).fetchone() is not None
+
+    def event_in_order(self, order_id: str, event_id: str) -> bool:
+        row = self.conn.execute("SELECT order_id FROM events WHERE id=?", (event_id,)).fetchone()
+        return row is not None and row[0] == order_id
+
+    def get_event(self, event_id: str) -> StoredEvent | None:
+        row = self.conn.execute(f"SELECT {_EVENT_COLS} FROM events WHERE id=?", (event_id,)).fetchone()
+        return _event(row) if row else None
+
+    def events_since(self, since: int, orders: Iterable[str] | None = None, limit: int = 1000) -> list[StoredEvent]:
+        """Events with ``seq > since`` in seq order, optionally only of ``orders``."""
+        if orders is None:
+            rows = self.conn.execute(
+                f"SELECT {_EVENT_COLS} FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (since, limit)
+            ).fetchall()
+        else:
+            ids = list(orders)
+            if not ids:
+                return []
+            marks = ",".join("?" * len(ids))
+            rows = self.conn.execute(
+                f"SELECT {_EVENT_COLS} FROM events WHERE seq > ? AND order_id IN ({marks})"
+                " ORDER BY seq LIMIT ?",
+                (since, *ids, limit),
+            ).fetchall()
+        return [_event(r) for r in rows]
+
+    def order_events(self, order_id: str) -> list[StoredEvent]:
+        rows = self.conn.execute(
+            f"SELECT {_EVENT_COLS} FROM events WHERE order_id=? ORDER BY order_seq", (order_id,)
+        ).fetchall()
+        return [_event(r) for r in rows]
+
+    def max_seq(self) -> int:
+        return int(self.conn.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0])
+
+    def count_events(self) -> int:
+        return int(self.conn.execute("SELECT count(*) FROM events").fetchone()[0])
+
+    # -- orders -------------------------------------------------------------------------------
+
+    def get_order(self, order_id: str) -> OrderRow | None:
+        row = self.conn.execute(f"SELECT {_ORDER_COLS} FROM orders WHERE id=?", (order_id,)).fetchone()
+        return _order(row) if row else None
+
+    def put_order(self, order: OrderRow) -> None:
+        """Insert or replace the projection row, inside the caller's transaction."""
+        self.conn.execute(
+            f"INSERT OR REPLACE INTO orders ({_ORDER_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            (order.id, order.state, order.customer, order.rider, json.dumps(order.items),
+             json.dumps(order.picked), order.created_at, order.updated_at, order.last_seq, order.order_seq,
+             json.dumps(order.last_location) if order.last_location is not None else None),
+        )
+
+    def list_orders(self, state: str | None = None, rider: str | None = None, customer: str | None = None,
+                    updated_since: int | None = None, limit: int = 1000) -> list[OrderRow]:
+        where, args = [], []
+        for column, value in (("state", state), ("rider", rider), ("customer", customer)):
+            if value is not None:
+                where.append(f"{column}=?")
+                args.append(value)
+        if updated_since is not None:
+            where.append("updated_at>=?")
+            args.append(updated_since)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        rows = self.conn.execute(
+            f"SELECT {_ORDER_COLS} FROM orders {clause} ORDER BY updated_at DESC LIMIT ?", (*args, limit)
+        ).fetchall()
+        return [_order(r) for r in rows]
+
+    def order_ids_for(self, user: str, role: str) -> list[str] | None:
+        """Orders ``user`` may read: None means every order (owner, staff, service)."""
+        if role in ("owner", "staff", "service"):
+            return None
+        column = {"rider": "rider", "customer": "customer"}.get(role)
+        if column is None:
+            return []
+        return [r[0] for r in self.conn.execute(f"SELECT id FROM orders WHERE {column}=?", (user,))]
+
+    def orders_by_state(self) -> dict[str, int]:
+        return dict(self.conn.execute("SELECT state, count(*) FROM orders GROUP BY state").fetchall())
+
+    # -- retained -----------------------------------------------------------------------------
+
+    def put_retained(self, topic: str, payload: bytes, qos: int = 1, seq: int | None = None) -> None:
+        """Latest retained payload per topic; an empty payload clears it (MQTT 3.3.1-10)."""
+        if not payload:
+            self.conn.execute("DELETE FROM retained WHERE topic=?", (topic,))
+            return
+        self.conn.execute(
+            "INSERT OR REPLACE INTO retained (topic, payload, qos, seq, updated_at) VALUES (?,?,?,?,?)",
+            (topic, payload, qos, seq, now_ms()),
+        )
+
+    def retained(self) -> list[RetainedRow]:
+        rows = self.conn.execute("SELECT topic, payload, qos, seq, updated_at FROM retained ORDER BY topic")
+        return [RetainedRow(topic=t, payload=bytes(p), qos=q, seq=s, updated_at=u) for t, p, q, s, u in rows]
+
+    # -- receipts -----------------------------------------------------------------------------
+
+    def get_receipt(self, order_id: str, member: str) -> int | None:
+        row = self.conn.execute(
+            "SELECT read_up_to FROM receipts WHERE order_id=? AND member=?", (order_id, member)
+        ).fetchone()
+        return int(row[0]) if row else None
+
+    def put_receipt(self, order_id: str, member: str, read_up_to: int) -> None:
+        self.conn.execute(
+            "INSERT OR REPLACE INTO receipts (order_id, member, read_up_to, updated_at) VALUES (?,?,?,?)",
+            (order_id, member, read_up_to, now_ms()),
+        )
+
+    def receipts(self, order_id: str) -> dict[str, int]:
+        rows = self.conn.execute("SELECT member, read_up_to FROM receipts WHERE order_id=?", (order_id,))
+        return {m: int(r) for m, r in rows}
+
+    # -- users --------------------------------------------------------------------------------
+
+    def get_user(self, name: str) -> UserRow | None:
+        row = self.conn.execute(
+            "SELECT name, role, password_hash, created_at FROM users WHERE name=?", (name,)
+        ).fetchone()
+        return UserRow(name=row[0], role=row[1], password_hash=row[2], created_at=row[3]) if row else None
+
+    def put_user(self, user: UserRow) -> None:
+        with self.transaction():
+            self.conn.execute(
+                "INSERT OR REPLACE INTO users (name, role, password_hash, created_at) VALUES (?,?,?,?)",
+                (user.name, user.role, user.password_hash, user.created_at),
+            )
+
+    def remove_user(self, name: str) -> bool:
+        with self.transaction():
+            return self.conn.execute("DELETE FROM users WHERE name=?", (name,)).rowcount > 0
+
+    def users(self) -> list[UserRow]:
+        rows = self.conn.execute("SELECT name, role, password_hash, created_at FROM users ORDER BY name")
+        return [UserRow(name=n, role=r, password_hash=h, created_at=c) for n, r, h, c in rows]
+
+    def count_users(self, exclude_role: str | None = "service") -> int:
+        """Human accounts; the bridge's own service account does not end anonymous loopback access."""
+        return int(self.conn.execute(
+            "SELECT count(*) FROM users WHERE role IS NOT ?", (exclude_role,)
+        ).fetchone()[0])
+
+    # -- dead letters -------------------------------------------------------------------------
+
+    def add_deadletter(self, letter: DeadLetter) -> None:
+        """Inside the caller's transaction (or autocommit when there is none)."""
+        self.conn.execute(
+            "INSERT INTO deadletters (received_at, topic, user, msg_id, error, detail, payload)"
+            " VALUES (?,?,?,?,?,?,?)",
+            (letter.received_at, letter.topic, letter.user, letter.msg_id, letter.error, letter.detail,
+             letter.payload),
+        )
+
+    def deadletters(self, since: int | None = None, limit: int = 1000) -> list[DeadLetter]:
+        rows = self.conn.execute(
+            "SELECT id, received_at, topic, user, msg_id, error, detail, payload FROM deadletters"
+            " WHERE received_at >= ? ORDER BY id LIMIT ?",
+            (since or 0, limit),
+        )
+        return [DeadLetter(id=i, received_at=r, topic=t, user=u, msg_id=m, error=e, detail=d,
+                           payload=bytes(p) if p is not None else None) for i, r, t, u, m, e, d, p in rows]
+
+
+def _event(row: tuple[Any, ...]) -> StoredEvent:
+    seq, ident, order_id, order_seq, channel, topic, sender, ts, received_at, retain, payload = row
+    return StoredEvent(seq=seq, id=ident, order_id=order_id, order_seq=order_seq, channel=channel,
+                       topic=topic, sender=sender, ts=ts, received_at=received_at, retain=bool(retain),
+                       payload=payload)
+
+
+def _order(row: tuple[Any, ...]) -> OrderRow:
+    ident, state, customer, rider, items, picked, created, updated, last_seq, order_seq, loc = row
+    return OrderRow(id=ident, state=state, customer=customer, rider=rider, items=json.loads(items),
+                    picked=json.loads(picked), created_at=created, updated_at=updated, last_seq=last_seq,
+                    order_seq=order_seq, last_location=json.loads(loc) if loc else None)

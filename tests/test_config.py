@@ -1,0 +1,66 @@
+"""broker.yaml validation: defaults, env overrides, and one-line errors naming file and key."""
+
+from pathlib import Path
+
+import pytest
+
+from fishim.config import ConfigError, load_config
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "broker.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_defaults_without_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = load_config(env={})
+    assert config.prefix == "fishim"
+    assert config.listener.bind == "127.0.0.1:1883"
+    assert config.listener.is_loopback
+
+
+def test_repo_broker_yaml_is_valid() -> None:
+    config = load_config(Path(__file__).parent.parent / "broker.yaml", env={})
+    assert config.store.path == Path("fishim.db")
+    assert config.bridge.batch_max == 500
+
+
+def test_env_overrides(tmp_path: Path) -> None:
+    path = write(tmp_path, "listeners:\n  - {name: a, bind: '127.0.0.1:1883'}\n  - {name: w, type: ws, bind: '127.0.0.1:9001'}\n")
+    config = load_config(env={"FISHIM_CONFIG": str(path), "FISHIM_DB": "/tmp/x.db", "FISHIM_BIND": "127.0.0.2:2000"})
+    assert config.store.path == Path("/tmp/x.db")
+    assert [lst.bind for lst in config.listeners] == ["127.0.0.2:2000", "127.0.0.1:9001"]
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("limits:\n  max_payload: -1\n", "limits.max_payload"),
+        ("limits:\n  max_payload: lots\n", "limits.max_payload"),
+        ("listeners:\n  - bind: 'nowhere'\n", "listeners.0.bind"),
+        ("listeners:\n  - bind: '127.0.0.1:99999'\n", "listeners.0.bind"),
+        ("listeners:\n  - type: udp\n", "listeners.0.type"),
+        ("prefix: 'a b'\n", "prefix"),
+        ("bridge:\n  batch_max: 0\n", "bridge.batch_max"),
+        ("logging:\n  level: LOUD\n", "logging.level"),
+        ("limits:\n  max_paylod: 10\n", "limits.max_paylod"),
+    ],
+)
+def test_bad_value_is_one_line_naming_file_and_key(tmp_path: Path, text: str, key: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"{path}: {key}:")
+
+
+def test_bad_yaml_and_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not valid YAML at line 2"):
+        load_config(write(tmp_path, "prefix: a\n  bad: [\n"), env={})
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "absent.yaml", env={})
+    with pytest.raises(ConfigError, match=r"\(top level\): expected a mapping"):
+        load_config(write(tmp_path, "- 1\n- 2\n"), env={})
