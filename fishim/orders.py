@@ -105,7 +105,9 @@ def apply(order: OrderRow | None, ref: TopicRef, msg: Message, seq: int, now: in
     return outcome
 
 
-def _apply_status(order: OrderRow | None, order_id: str, msg: Status, seq: int, now: int, directory: Directory) -> Outcome:
+def _apply_status(
+    order: OrderRow | None, order_id: str, msg: Status, seq: int, now: int, directory: Directory
+) -> Outcome:
     role = directory.role_of(msg.sender)
     if order is None:
         if msg.state is not S.PLACED:

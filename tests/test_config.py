@@ -28,7 +28,8 @@ def test_repo_broker_yaml_is_valid() -> None:
 
 
 def test_env_overrides(tmp_path: Path) -> None:
-    path = write(tmp_path, "listeners:\n  - {name: a, bind: '127.0.0.1:1883'}\n  - {name: w, type: ws, bind: '127.0.0.1:9001'}\n")
+    listeners = "listeners:\n  - {name: a, bind: '127.0.0.1:1883'}\n  - {name: w, type: ws, bind: '127.0.0.1:9001'}\n"
+    path = write(tmp_path, listeners)
     config = load_config(env={"FISHIM_CONFIG": str(path), "FISHIM_DB": "/tmp/x.db", "FISHIM_BIND": "127.0.0.2:2000"})
     assert config.store.path == Path("/tmp/x.db")
     assert [lst.bind for lst in config.listeners] == ["127.0.0.2:2000", "127.0.0.1:9001"]

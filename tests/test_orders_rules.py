@@ -158,7 +158,8 @@ def test_chat_rules() -> None:
     cases = [
         (Chat(id="m2", ts=1, sender="c1", text="x", mentions=["c2"]), ErrorCode.BAD_MENTION),
         (Chat(id="m3", ts=1, sender="c1", text="x", reply_to="nope"), ErrorCode.BAD_REPLY_TO),
-        (Chat(id="m4", ts=1, sender="c1", text="x", media=[{"kind": "image", "mime": "image/png"}]), ErrorCode.BAD_MEDIA),
+        (Chat(id="m4", ts=1, sender="c1", text="x", media=[{"kind": "image", "mime": "image/png"}]),
+         ErrorCode.BAD_MEDIA),
         (Chat(id="m5", ts=1, sender="c2", text="x"), ErrorCode.FORBIDDEN),
     ]
     for msg, code in cases:
