@@ -1,0 +1,618 @@
+"""fishim's subclass of amqtt 0.12.1's ``Broker``: connections, sessions, auth, routing, retained.
+
+Kept from amqtt: the per-connection protocol handler (reader loop, PINGREQ, the inbound QoS-2 flow,
+SUBSCRIBE/UNSUBSCRIBE queues), ``_client_message_loop``, the subscription and retained tables,
+``Session`` objects, its ``Server`` bookkeeping and ``shutdown``. Replaced, each because of a flaw
+measured in DESIGN.md (docs/broker.md has the amqtt line references):
+
+- connection setup (``_client_connected``, ``_initialize_client_session``, ``_handle_client_session``):
+  authentication now happens before an existing session is touched, a persistent session is only
+  resumed by the same principal, and no retained messages are sent on connect;
+- the plugin system is bypassed: no default logging/$SYS plugins, and fishim's synchronous
+  ``Authenticator``/``Authorizer`` decide instead of awaited plugin calls;
+- routing (``_broadcast_message``/``_run_broadcast``): synchronous, min(publish, subscription) QoS,
+  receive check per delivery, into each session's :class:`~fishim.broker_outbox.Outbox`;
+- retained delivery only on SUBSCRIBE, per filter, each message receive-checked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import ssl
+from dataclasses import dataclass, field
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import websockets
+from amqtt.adapters import ReaderAdapter, StreamWriterAdapter, WebSocketsWriter, WriterAdapter
+from amqtt.broker import Broker, RetainedApplicationMessage, Server
+from amqtt.contexts import Action, BrokerConfig
+from amqtt.contexts import ListenerConfig as AmqttListenerConfig
+from amqtt.errors import AMQTTError, MQTTError, ProtocolHandlerError
+from amqtt.mqtt.constants import QOS_1, QOS_2
+from amqtt.mqtt.disconnect import DisconnectPacket
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.mqtt.puback import PubackPacket
+from amqtt.mqtt.publish import PublishPacket
+from amqtt.session import Session
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+
+from fishim.broker_outbox import Delivery, Outbox
+from fishim.broker_wire import (
+    NOT_AUTHORIZED,
+    SERVER_UNAVAILABLE,
+    ConnectRefused,
+    ConnectRequest,
+    GuardedReader,
+    connack,
+    kv,
+)
+from fishim.config import Config, ListenerConfig, TlsConfig
+from fishim.topics import matches
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from fishim.auth import Principal
+    from fishim.broker import Authenticator, Authorizer, RefusedCallback
+
+log = logging.getLogger("fishim.broker")
+
+STATE_KEY = "fishim.state"
+_SUBSCRIBE_REFUSED = 0x80
+_MATCH_CACHE_SIZE = 10_000
+_TEARDOWN_TIMEOUT = 5.0
+_CONNECTION_ERRORS = (OSError, ConnectionClosed, ProtocolHandlerError, AMQTTError, MQTTError)
+
+
+class ListenerError(OSError):
+    """A listener could not be opened (port taken, bad certificate); ``str()`` is one line."""
+
+
+@dataclass
+class SessionState:
+    """What fishim keeps on an amqtt ``Session`` (in ``session.attributes[STATE_KEY]``)."""
+
+    principal: Principal
+    outbox: Outbox
+    guard: GuardedReader | None = None
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def state_of(session: Session) -> SessionState:
+    return session.attributes[STATE_KEY]
+
+
+class FishimHandler(BrokerProtocolHandler):
+    """amqtt's broker-side protocol handler, with QoS 0/1 PUBLISH and PUBACK short-circuited.
+
+    amqtt puts every inbound PUBLISH on ``delivered_message_queue`` for the client loop, which wakes
+    per message through ``asyncio.wait`` on four futures; here it is routed as soon as it is read.
+    PUBACK goes to the session's outbox instead of amqtt's per-message waiters.
+    """
+
+    core: FishimBroker
+    graceful = False
+
+    async def handle_publish(self, publish_packet: PublishPacket) -> None:
+        qos = publish_packet.qos or 0
+        if qos == QOS_2:  # amqtt's PUBREC/PUBREL flow, then FishimBroker._handle_message_delivery
+            await super().handle_publish(publish_packet)
+            return
+        session, header = self.session, publish_packet.variable_header
+        if session is None or header is None or publish_packet.data is None:
+            return
+        try:
+            self.core.accept_publish(session, header.topic_name, publish_packet.data, qos,
+                                     publish_packet.retain_flag)
+        except Exception:
+            log.exception("publish_failed %s", kv(client_id=session.client_id, topic=header.topic_name))
+            await self.handle_connection_closed()  # no PUBACK: the client sends it again on reconnect
+            return
+        if qos == QOS_1 and header.packet_id is not None:
+            await self.send_raw(b"\x40\x02" + header.packet_id.to_bytes(2, "big"))
+
+    async def handle_puback(self, puback: PubackPacket) -> None:
+        if self.session is not None and puback.variable_header is not None:
+            state_of(self.session).outbox.ack(puback.variable_header.packet_id)
+
+    async def send_raw(self, data: bytes) -> None:
+        """Write an already-encoded packet; a broken link ends the connection instead of raising."""
+        writer = self.writer
+        if writer is None:
+            return
+        try:
+            async with self._write_lock:
+                writer.write(data)
+                await writer.drain()
+        except (OSError, ConnectionClosed):
+            await self.handle_connection_closed()
+
+
+class FishimBroker(Broker):
+    """amqtt's ``Broker`` with fishim's connection lifecycle, auth, routing and delivery."""
+
+    def __init__(self, config: Config, authenticator: Authenticator, authorizer: Authorizer,
+                 on_refused: RefusedCallback | None) -> None:
+        amqtt_config = BrokerConfig(
+            listeners={"default": AmqttListenerConfig(bind=None)},  # fishim opens its own (bind())
+            plugins={},  # no EventLogger/PacketLogger/$SYS plugins (DESIGN.md: 35-40% of throughput)
+            timeout_disconnect_delay=0,
+        )
+        super().__init__(amqtt_config)
+        self.fishim_config = config
+        self.limits = config.limits
+        self.authenticator = authenticator
+        self.authorizer = authorizer
+        # OrderAcl.observe: the service account's membership announcements update the ACL before
+        # the next message is routed (auth.OrderAcl docs). Optional, so any Authorizer still fits.
+        self._observe: Callable[[str, bytes], object] | None = getattr(authorizer, "observe", None)
+        self.on_refused = on_refused
+        self.ports: dict[str, int] = {}
+        self._bound: dict[str, asyncio.Server | websockets.asyncio.server.Server] = {}
+        self._connections: set[asyncio.Task[Any]] = set()
+        self._background: set[asyncio.Future[Any]] = set()
+        self._match_cache: dict[str, list[str]] = {}
+
+    # -- listeners ---------------------------------------------------------------------------
+
+    async def bind(self) -> None:
+        """Open every configured listener (not yet accepting), on exactly its configured host."""
+        try:
+            for listener in self.fishim_config.listeners:
+                if listener.name in self._bound:
+                    raise ListenerError(f"listener {listener.name}: duplicate listener name")
+                server = await self._open_listener(listener)
+                self._bound[listener.name] = server
+                self.ports[listener.name] = next(iter(server.sockets)).getsockname()[1]
+        except BaseException:
+            self.close_listeners()
+            raise
+
+    def close_listeners(self) -> None:
+        """Stop accepting connections (idempotent)."""
+        for server in self._bound.values():
+            server.close()
+
+    async def _open_listener(self, listener: ListenerConfig) -> asyncio.Server | websockets.asyncio.server.Server:
+        tls = _tls_context(listener.name, listener.tls) if listener.tls else None
+        try:
+            if listener.type == "ws":
+                return await websockets.serve(
+                    partial(self._on_websocket, listener=listener), listener.host, listener.port, ssl=tls,
+                    subprotocols=[websockets.Subprotocol("mqtt")], compression=None, start_serving=False,
+                    max_size=self.limits.max_payload + 2 * self.limits.max_topic_length + 1024,
+                )
+            return await asyncio.start_server(
+                partial(self._on_tcp, listener=listener), listener.host, listener.port, ssl=tls,
+                reuse_address=True, start_serving=False,
+            )
+        except OSError as exc:
+            raise ListenerError(f"listener {listener.name}: cannot listen on {listener.bind}: "
+                                f"{exc.strerror or exc}") from None
+
+    async def _start_listeners(self) -> None:
+        """amqtt hook: start accepting on the sockets :meth:`bind` opened."""
+        for name, server in self._bound.items():
+            self._servers[name] = Server(name, server)
+            await server.start_serving()
+            listener = next(lst for lst in self.fishim_config.listeners if lst.name == name)
+            log.info("listening %s", kv(listener=name, type=listener.type, host=listener.host,
+                                        port=self.ports[name], tls=int(listener.tls is not None)))
+
+    async def _on_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
+                      listener: ListenerConfig) -> None:
+        peer = _peer(writer.get_extra_info("peername"))
+        guard = GuardedReader(partial(reader.read, 65536), writer.transport.abort, self.limits, peer)
+        await self._serve(listener, guard, StreamWriterAdapter(writer))
+
+    async def _on_websocket(self, connection: ServerConnection, *, listener: ListenerConfig) -> None:
+        async def recv() -> bytes:
+            try:
+                message = await connection.recv()
+            except ConnectionClosed:
+                return b""
+            return message if isinstance(message, bytes) else message.encode("utf-8")
+
+        guard = GuardedReader(recv, connection.transport.abort, self.limits, _peer(connection.remote_address))
+        await self._serve(listener, guard, WebSocketsWriter(connection))
+
+    async def _client_connected(self, listener_name: str, reader: ReaderAdapter, writer: WriterAdapter) -> None:
+        """amqtt's own connection path (used by external listeners) skips every fix: refuse it."""
+        log.warning("connect_refused %s", kv(listener=listener_name, reason="external listeners unsupported"))
+        await writer.close()
+
+    async def _session_monitor(self) -> None:
+        """amqtt's monitor drops anonymous sessions ~1 s after disconnect; fishim keeps them.
+
+        Clean sessions are deleted by :meth:`_end_connection` as soon as they disconnect.
+        """
+
+    # -- connection lifecycle ----------------------------------------------------------------
+
+    async def _serve(self, listener: ListenerConfig, guard: GuardedReader, writer: WriterAdapter) -> None:
+        """One client connection, from CONNECT to teardown; never lets an exception escape."""
+        task = asyncio.current_task()
+        if task is not None:
+            self._connections.add(task)
+        try:
+            opened = await self._open(listener, guard, writer)
+            if opened is not None:
+                await self._run(*opened)
+        except Exception:
+            log.exception("connection_failed %s", kv(client_id=guard.client_id, peer=guard.peer))
+        finally:
+            guard.close()
+            if task is not None:
+                self._connections.discard(task)
+
+    async def _open(self, listener: ListenerConfig, guard: GuardedReader,
+                    writer: WriterAdapter) -> tuple[Session, FishimHandler] | None:
+        """CONNECT, authenticate, claim the session, CONNACK: None if the connection was refused."""
+        try:
+            request = await guard.read_connect()
+        except ConnectRefused as exc:
+            level = logging.DEBUG if exc.quiet else logging.INFO if exc.return_code else logging.WARNING
+            log.log(level, "connect_refused %s", kv(peer=guard.peer, listener=listener.name, reason=str(exc),
+                                                    code=exc.return_code))
+            await _refuse(writer, exc.return_code)
+            return None
+        principal, reason = await self._login(request, guard.peer, listener)
+        if principal is None:
+            log.info("connect_refused %s", kv(client_id=request.client_id, peer=guard.peer,
+                                              listener=listener.name, user=request.username, reason=reason))
+            await _refuse(writer, SERVER_UNAVAILABLE if reason == "authenticator_error" else NOT_AUTHORIZED)
+            return None
+        session, present = await self._claim_session(request, principal, guard)
+        handler = FishimHandler(self.plugins_manager, loop=self._loop)
+        handler.core = self
+        handler.attach(session, guard, writer)
+        session.transitions.connect()
+        self._sessions[request.client_id] = (session, handler)  # no await since _claim_session: no race
+        guard.on_oversize = lambda topic, _size: self._notify_refused(principal, topic, "too_large")
+        await handler.send_raw(connack(present, 0))
+        grace = self.fishim_config.broker.keepalive_grace
+        guard.watch(request.keepalive * grace if request.keepalive else None)
+        log.info("connected %s", kv(client_id=request.client_id, peer=guard.peer, listener=listener.name,
+                                    user=principal.username, role=principal.role,
+                                    clean=int(request.clean_session), session_present=int(present),
+                                    keepalive=request.keepalive))
+        await handler.start()
+        state = state_of(session)
+        state.outbox.attach(handler, partial(self.authorizer.may_receive, principal), guard.abort)
+        return session, handler
+
+    async def _login(self, request: ConnectRequest, peer: str,
+                     listener: ListenerConfig) -> tuple[Principal | None, str]:
+        """The authenticator's verdict (sync or async), then the will topic's publish check."""
+        try:
+            result = self.authenticator.authenticate(request.username, request.password, peer, listener)
+            principal = await result if inspect.isawaitable(result) else result
+        except Exception:
+            log.exception("authenticator_failed %s", kv(client_id=request.client_id, peer=peer))
+            return None, "authenticator_error"
+        if principal is None:
+            return None, "not_authorized"
+        if request.will_topic is not None and not self.authorizer.may_publish(principal, request.will_topic):
+            return None, "will_topic_forbidden"
+        return principal, "ok"
+
+    async def _claim_session(self, request: ConnectRequest, principal: Principal,
+                             guard: GuardedReader) -> tuple[Session, bool]:
+        """Take over a connected client id, then resume or replace its session (MQTT 3.1.1 §3.1.2.4).
+
+        Only the same principal resumes a persistent session: another user reusing a client id
+        gets a fresh one, never the previous owner's subscriptions and queued messages.
+        """
+        client_id = request.client_id
+        while (current := self._sessions.get(client_id)) and current[0].transitions.is_connected():
+            await self._evict(current[0])
+        old = current[0] if current else None
+        if old is not None and not request.clean_session and state_of(old).principal == principal:
+            session, present = old, True
+        else:
+            if old is not None:
+                self._discard(old)
+            session, present = Session(), False
+            session.client_id = client_id
+            broker = self.fishim_config.broker
+            session.attributes[STATE_KEY] = SessionState(principal, Outbox(
+                client_id, self.limits.max_queued, broker.max_inflight, broker.retry_interval))
+        state = state_of(session)
+        state.guard, state.closed = guard, asyncio.Event()
+        session.clean_session = request.clean_session
+        session.will_flag = request.will_topic is not None
+        session.will_topic, session.will_message = request.will_topic, request.will_message
+        session.will_qos, session.will_retain = request.will_qos, request.will_retain
+        session.username = request.username
+        session.keep_alive = 0  # enforced by GuardedReader.watch; 0 spares amqtt a wait_for task per read
+        session.remote_address, _, port = guard.peer.rpartition(":")
+        session.remote_port = int(port) if port.isdigit() else 0
+        return session, present
+
+    async def _evict(self, session: Session) -> None:
+        """Close the connection currently holding ``session`` and wait for its teardown [MQTT-3.1.4-2]."""
+        state = state_of(session)
+        log.info("session_takeover %s", kv(client_id=session.client_id))
+        if state.guard is not None:
+            state.guard.abort("taken_over")
+        try:
+            await asyncio.wait_for(state.closed.wait(), _TEARDOWN_TIMEOUT)
+        except TimeoutError:
+            log.warning("takeover_timeout %s", kv(client_id=session.client_id))
+            session.transitions.disconnect()
+
+    async def _run(self, session: Session, handler: FishimHandler) -> None:
+        try:
+            await self._client_message_loop(session, handler)
+        except _CONNECTION_ERRORS as exc:
+            log.info("connection_error %s", kv(client_id=session.client_id, error=repr(exc)))
+        finally:
+            await self._end_connection(session, handler)
+
+    async def _handle_disconnect(self, client_session: Session, handler: BrokerProtocolHandler,
+                                 disconnect_waiter: asyncio.Future[Any]) -> None:
+        """amqtt hook: stop writing first; publish the will only if this connection still owns the id."""
+        if isinstance(handler, FishimHandler):
+            handler.graceful = isinstance(disconnect_waiter.result(), DisconnectPacket)
+        await state_of(client_session).outbox.detach()
+        if self._is_current(client_session, handler):
+            await super()._handle_disconnect(client_session, handler, disconnect_waiter)
+        else:  # removed by shutdown: no will, no state change
+            await self._stop_handler(handler)
+
+    async def _end_connection(self, session: Session, handler: FishimHandler) -> None:
+        """After the client loop: make sure amqtt's disconnect ran, drop clean sessions, log once."""
+        state = state_of(session)
+        if session.transitions.is_connected() and self._is_current(session, handler):
+            gone: asyncio.Future[Any] = self._loop.create_future()
+            gone.set_result(None)
+            await self._handle_disconnect(session, handler, gone)  # abnormal end: will is published
+        await state.outbox.detach()
+        await self._stop_handler(handler)
+        if session.clean_session and self._is_current(session, handler):
+            self._discard(session)
+        reason = (state.guard.close_reason if state.guard else None) or (
+            "disconnect" if handler.graceful else "connection_lost")
+        log.info("disconnected %s", kv(client_id=session.client_id, reason=reason))
+        state.closed.set()
+
+    def _is_current(self, session: Session, handler: BrokerProtocolHandler) -> bool:
+        return self._sessions.get(session.client_id or "", (None, None))[1] is handler
+
+    def _discard(self, session: Session) -> None:
+        """Delete a session: its entry, subscriptions and queued messages."""
+        if self._sessions.get(session.client_id or "", (None, None))[0] is session:
+            del self._sessions[session.client_id or ""]
+        self._drop_subscriptions(session)
+        state_of(session).outbox.discard()
+        session.clear_queues()
+
+    # -- publish and routing -----------------------------------------------------------------
+
+    def accept_publish(self, session: Session, topic: str, data: bytes | bytearray, qos: int,
+                       retain: bool) -> None:
+        """A client's PUBLISH: ACL check, route, retain. Refusals are logged and reported, not routed."""
+        principal = state_of(session).principal
+        if topic.startswith("$") or not self.authorizer.may_publish(principal, topic):
+            log.info("publish_refused %s", kv(client_id=session.client_id, user=principal.username,
+                                              topic=topic, reason="forbidden"))
+            self._notify_refused(principal, topic, "forbidden")
+            return
+        payload = bytes(data)
+        if self._observe is not None and principal.role == "service":
+            self._observe(topic, payload)
+        self.route(topic, payload, qos)
+        if retain:
+            self.store_retained(topic, payload, qos)
+
+    def route(self, topic: str, payload: bytes, qos: int) -> int:
+        """Queue ``payload`` for every session that subscribed to ``topic`` and may read it.
+
+        Delivery QoS is min(publish QoS, subscription QoS) (MQTT 3.1.1 §3.8.4; amqtt used the
+        subscription's). Overlapping filters deliver once, at the highest of their QoS.
+        """
+        targets: dict[str, tuple[Session, int]] = {}
+        table = self._subscriptions
+        for topic_filter in self._filters_matching(topic):
+            for session, sub_qos in table.get(topic_filter, ()):
+                granted = sub_qos if sub_qos < qos else qos
+                best = targets.get(session.client_id or "")
+                if best is None or granted > best[1]:
+                    targets[session.client_id or ""] = (session, granted)
+        topic_bytes = topic.encode("utf-8")
+        may_receive = self.authorizer.may_receive
+        queued = 0
+        for session, granted in targets.values():
+            state: SessionState | None = session.attributes.get(STATE_KEY)
+            if state is None or not may_receive(state.principal, topic):
+                continue
+            outbox = state.outbox
+            outbox.put(Delivery(topic, topic_bytes, payload, granted, False, not outbox.connected))
+            queued += 1
+        return queued
+
+    def store_retained(self, topic: str, payload: bytes, qos: int) -> None:
+        """Keep the last retained message per topic; an empty payload clears it [MQTT-3.3.1-10]."""
+        if payload:
+            self._retained_messages[topic] = RetainedApplicationMessage(None, topic, payload, qos)
+        else:
+            self._retained_messages.pop(topic, None)
+
+    def _filters_matching(self, topic: str) -> list[str]:
+        """Subscription filters matching ``topic``, cached until the set of filters changes."""
+        found = self._match_cache.get(topic)
+        if found is None:
+            if len(self._match_cache) >= _MATCH_CACHE_SIZE:
+                self._match_cache.clear()
+            found = self._match_cache[topic] = [f for f in self._subscriptions if matches(topic, f)]
+        return found
+
+    def _notify_refused(self, principal: Principal, topic: str, reason: str) -> None:
+        """Call ``on_refused`` (sync, or async and then run in the background); never raises."""
+        if self.on_refused is None:
+            return
+        try:
+            result = self.on_refused(principal, topic, reason)
+        except Exception:
+            log.exception("on_refused_failed %s", kv(topic=topic, reason=reason))
+            return
+        if inspect.isawaitable(result):
+            future = asyncio.ensure_future(result)
+            self._background.add(future)
+            future.add_done_callback(self._background_done)
+
+    def _background_done(self, future: asyncio.Future[Any]) -> None:
+        self._background.discard(future)
+        if not future.cancelled() and future.exception() is not None:
+            log.error("on_refused_failed %s", kv(error=repr(future.exception())))
+
+    # amqtt hooks routed to the above ----------------------------------------------------------
+
+    async def _broadcast_message(self, session: Session | None, topic: str | None,
+                                 data: bytes | bytearray | None, force_qos: int | None = None) -> None:
+        """amqtt hook (wills, BrokerContext): route now instead of via the broadcast queue and tasks."""
+        if topic is not None and data is not None:
+            self.route(topic, bytes(data), QOS_1 if force_qos is None else force_qos)
+
+    async def retain_message(self, source_session: Session | None, topic_name: str | None,
+                             data: bytes | bytearray | None, qos: int | None = None) -> None:
+        """amqtt hook (retained wills): same store, without a plugin event."""
+        if topic_name is not None:
+            self.store_retained(topic_name, bytes(data or b""), qos or 0)
+
+    async def _handle_message_delivery(self, client_session: Session, handler: BrokerProtocolHandler,
+                                       wait_deliver: asyncio.Future[Any]) -> bool:
+        """amqtt hook, reached only by inbound QoS 2 (QoS 0/1 are routed in FishimHandler)."""
+        message = wait_deliver.result()
+        if message is not None:
+            self.accept_publish(client_session, message.topic, message.data, message.qos or 0, message.retain)
+        return True
+
+    async def _topic_filtering(self, session: Session, topic: str, action: Action) -> bool:
+        """amqtt hook, kept as a safety net: any amqtt path still asking gets fishim's Authorizer."""
+        state: SessionState | None = session.attributes.get(STATE_KEY)
+        if state is None:
+            return False
+        check = {Action.PUBLISH: self.authorizer.may_publish, Action.SUBSCRIBE: self.authorizer.may_subscribe,
+                 Action.RECEIVE: self.authorizer.may_receive}[action]
+        return check(state.principal, topic)
+
+    # -- subscriptions -----------------------------------------------------------------------
+
+    async def _handle_subscription(self, client_session: Session, handler: BrokerProtocolHandler,
+                                   subscribe_waiter: asyncio.Future[Any]) -> None:
+        """SUBACK, then the retained messages of each granted filter (and only those)."""
+        request = subscribe_waiter.result()
+        codes = [await self.add_subscription(sub, client_session) for sub in request.topics]
+        await handler.mqtt_acknowledge_subscription(request.packet_id, codes)
+        for (topic_filter, _), code in zip(request.topics, codes, strict=True):
+            if code != _SUBSCRIBE_REFUSED:
+                self._queue_retained(client_session, topic_filter, code)
+
+    async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
+        """Authorise and record one filter; QoS granted is at most 1 (fishim never sends QoS 2).
+
+        A repeated filter replaces the old subscription's QoS [MQTT-3.8.4-3] (amqtt kept the old one).
+        """
+        topic_filter, qos = subscription
+        state: SessionState | None = session.attributes.get(STATE_KEY)
+        if state is None or not _valid_filter(topic_filter) or not self.authorizer.may_subscribe(
+                state.principal, topic_filter):
+            log.info("subscribe_refused %s", kv(client_id=session.client_id, topic_filter=topic_filter,
+                                                user=state.principal.username if state else None))
+            return _SUBSCRIBE_REFUSED
+        granted = min(qos, QOS_1)
+        entries = self._subscriptions.get(topic_filter)
+        if entries is None:
+            entries = self._subscriptions[topic_filter] = []
+            self._match_cache.clear()
+        entries[:] = [(s, q) for s, q in entries if s.client_id != session.client_id]
+        entries.append((session, granted))
+        log.debug("subscribed %s", kv(client_id=session.client_id, topic_filter=topic_filter, qos=granted))
+        return granted
+
+    def _queue_retained(self, session: Session, topic_filter: str, granted: int) -> None:
+        """Retained messages for one new subscription, each passing the receive check."""
+        state = state_of(session)
+        may_receive = self.authorizer.may_receive
+        for topic, message in self._retained_messages.items():
+            if matches(topic, topic_filter) and may_receive(state.principal, topic):
+                qos = min(message.qos or 0, granted)
+                state.outbox.put(Delivery(topic, topic.encode("utf-8"), bytes(message.data), qos, True, False))
+
+    def _drop_subscriptions(self, session: Session) -> None:
+        for topic_filter in list(self._subscriptions):
+            entries = [(s, q) for s, q in self._subscriptions[topic_filter] if s.client_id != session.client_id]
+            if entries:
+                self._subscriptions[topic_filter] = entries
+            else:
+                del self._subscriptions[topic_filter]
+        self._match_cache.clear()
+
+    async def _del_all_subscriptions(self, session: Session) -> None:
+        """amqtt hook (shutdown, ``_delete_session``): same as :meth:`_drop_subscriptions`."""
+        self._drop_subscriptions(session)
+
+    # -- shutdown ----------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Stop accepting, end every session (no wills), wait for the connections to finish."""
+        self.close_listeners()
+        for state in (state_of(s) for s, _ in self._sessions.values() if STATE_KEY in s.attributes):
+            state.outbox.report_drops()
+        await self.shutdown()
+        if self._connections:
+            _done, pending = await asyncio.wait(self._connections, timeout=_TEARDOWN_TIMEOUT)
+            for task in pending:
+                task.cancel()
+        for future in list(self._background):
+            future.cancel()
+
+    def connected_count(self) -> int:
+        return sum(1 for session, _ in self._sessions.values() if session.transitions.is_connected())
+
+
+def _valid_filter(topic_filter: str) -> bool:
+    """'#' only as the whole last level, '+' only as a whole level [MQTT-4.7.1-2/3]."""
+    levels = topic_filter.split("/")
+    for index, level in enumerate(levels):
+        if "#" in level and (level != "#" or index != len(levels) - 1):
+            return False
+        if "+" in level and level != "+":
+            return False
+    return True
+
+
+def _peer(address: Any) -> str:
+    if not address:
+        return "unknown"
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _tls_context(name: str, tls: TlsConfig) -> ssl.SSLContext:
+    """Server TLS from PEM files; with ``ca``, client certificates are requested and verified."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(tls.cert, tls.key)
+        if tls.ca is not None:
+            context.load_verify_locations(tls.ca)
+            context.verify_mode = ssl.CERT_OPTIONAL
+    except (OSError, ssl.SSLError) as exc:
+        raise ListenerError(f"listener {name}: cannot load TLS files: {exc}") from None
+    return context
+
+
+async def _refuse(writer: WriterAdapter, return_code: int | None) -> None:
+    """Answer a refused CONNECT with CONNACK ``return_code`` (if any) and close, never raising."""
+    try:
+        if return_code is not None:
+            writer.write(connack(False, return_code))
+            await writer.drain()
+        await asyncio.wait_for(writer.close(), 2.0)
+    except (OSError, ConnectionClosed, TimeoutError):
+        pass

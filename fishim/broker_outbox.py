@@ -1,0 +1,186 @@
+"""Per-session outbound delivery: the offline queue, the QoS-1 in-flight window and redelivery.
+
+Replaces amqtt 0.12.1's delivery, which runs one task per message per subscriber
+(``Broker._run_broadcast``), drops QoS-1 messages in flight when PUBACK times out or the client
+disconnects (``ProtocolHandler._handle_qos1_message_flow`` pops ``inflight_out`` in ``finally``), and
+keeps nothing for anonymous sessions. Here each session owns one :class:`Outbox` for its lifetime:
+
+- ``pending``: messages not sent yet, FIFO, bounded by ``limits.max_queued``. When full, new messages
+  are dropped (as Mosquitto's ``max_queued_messages`` does) and the drop is logged: a WARNING on the
+  first drop and one with the total when the queue next empties or the session ends.
+- ``inflight``: QoS-1 messages sent but not PUBACKed, keyed by packet id, at most
+  ``broker.max_inflight``. They survive a disconnect and are sent again, first, with DUP=1 and the
+  same packet id when a persistent session reconnects (MQTT 3.1.1 §4.4), and again to a connected
+  client that has not acknowledged them within ``broker.retry_interval`` seconds.
+
+While the session is connected one pump task writes batches of packets under the handler's write
+lock (amqtt's WebSocket writer loses bytes written during another writer's drain).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable
+from typing import NamedTuple
+
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+
+from fishim.broker_wire import encode_publish, kv
+
+log = logging.getLogger("fishim.broker")
+
+_BATCH = 256  # packets per write: big enough to amortise the lock and drain, small enough to be fair
+
+
+class Delivery(NamedTuple):
+    """One message for one session. ``recheck``: queued while offline, so authorise again at send."""
+
+    topic: str
+    topic_bytes: bytes
+    payload: bytes
+    qos: int
+    retain: bool
+    recheck: bool
+
+
+class Outbox:
+    """The outbound half of one MQTT session (see module docstring)."""
+
+    def __init__(self, client_id: str, max_queued: int, max_inflight: int, retry_interval: float) -> None:
+        self.client_id = client_id
+        self.max_queued = max_queued
+        self.max_inflight = max_inflight
+        self.retry_interval = retry_interval
+        self.pending: deque[Delivery] = deque()
+        self.inflight: dict[int, Delivery] = {}
+        self.dropped = 0
+        self._packet_id = 0
+        self._wake = asyncio.Event()
+        self._pump_task: asyncio.Task[None] | None = None
+        self._resend = False
+
+    @property
+    def connected(self) -> bool:
+        return self._pump_task is not None
+
+    def put(self, delivery: Delivery) -> None:
+        """Queue a message; QoS 0 is not kept for an offline session (MQTT 3.1.1 §3.1.2.4)."""
+        if self._pump_task is None and delivery.qos == 0:
+            return
+        if len(self.pending) >= self.max_queued:
+            self.dropped += 1
+            if self.dropped == 1:
+                log.warning("queue_full %s", kv(client_id=self.client_id, max_queued=self.max_queued,
+                                                 dropped=1, topic=delivery.topic))
+            return
+        self.pending.append(delivery)
+        self._wake.set()
+
+    def ack(self, packet_id: int) -> None:
+        """PUBACK from the client: the message is delivered; the window has room again."""
+        if self.inflight.pop(packet_id, None) is not None and self.pending:
+            self._wake.set()
+
+    def attach(
+        self, handler: BrokerProtocolHandler, allowed: Callable[[str], bool], abort: Callable[[str], None]
+    ) -> None:
+        """The client is connected through ``handler``: resend what is in flight, then drain the queue.
+
+        ``allowed(topic)`` is the receive check for messages queued while offline; ``abort(reason)``
+        drops the connection when a write fails.
+        """
+        self._resend = bool(self.inflight)
+        self._wake.set()
+        self._pump_task = asyncio.create_task(self._pump(handler, allowed, abort), name=f"outbox-{self.client_id}")
+
+    async def detach(self) -> None:
+        """The connection is gone: stop writing, keep ``pending`` and ``inflight`` for the next one."""
+        task, self._pump_task = self._pump_task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        # QoS 0 is never kept offline; what stays is authorised again when it is finally sent
+        self.pending = deque(d._replace(recheck=True) for d in self.pending if d.qos)
+
+    def discard(self) -> None:
+        """The session is deleted (clean session, takeover by a clean connect, shutdown)."""
+        self.report_drops()
+        self.pending.clear()
+        self.inflight.clear()
+
+    def report_drops(self) -> None:
+        """Log, once per overflow episode, how many messages the bound dropped."""
+        if self.dropped:
+            log.warning("queue_overflow %s", kv(client_id=self.client_id, dropped=self.dropped,
+                                                 max_queued=self.max_queued))
+            self.dropped = 0
+
+    async def _pump(
+        self, handler: BrokerProtocolHandler, allowed: Callable[[str], bool], abort: Callable[[str], None]
+    ) -> None:
+        """Write whatever may be sent; sleep until a put, an ack or the retry interval."""
+        try:
+            while True:
+                data = self._take_resends() + self._take_batch(allowed)
+                if data:
+                    await self._write(handler, data)
+                    continue
+                if not self.pending:
+                    self.report_drops()
+                self._wake.clear()
+                if self.inflight:
+                    try:
+                        await asyncio.wait_for(self._wake.wait(), self.retry_interval)
+                    except TimeoutError:
+                        self._resend = True
+                else:
+                    await self._wake.wait()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the connection broke under us: end it, keep the messages
+            log.debug("outbox_write_failed %s", kv(client_id=self.client_id, error=repr(exc)))
+            abort("write_failed")
+
+    def _take_resends(self) -> bytes:
+        """Every unacknowledged QoS-1 message again, DUP=1, same packet id [MQTT-4.4.0-1]."""
+        if not self._resend:
+            return b""
+        self._resend = False
+        return b"".join(encode_publish(d.topic_bytes, d.payload, d.qos, d.retain, packet_id, True)
+                        for packet_id, d in self.inflight.items())
+
+    def _take_batch(self, allowed: Callable[[str], bool]) -> bytes:
+        """Up to _BATCH queued messages, QoS 1 only while the in-flight window has room."""
+        packets = []
+        pending = self.pending
+        while pending and len(packets) < _BATCH:
+            delivery = pending[0]
+            if delivery.qos and len(self.inflight) >= self.max_inflight:
+                break
+            pending.popleft()
+            if delivery.recheck and not allowed(delivery.topic):
+                continue
+            packet_id = 0
+            if delivery.qos:
+                packet_id = self._next_packet_id()
+                self.inflight[packet_id] = delivery
+            packets.append(encode_publish(delivery.topic_bytes, delivery.payload, delivery.qos,
+                                          delivery.retain, packet_id, False))
+        return b"".join(packets)
+
+    def _next_packet_id(self) -> int:
+        while True:
+            self._packet_id = self._packet_id % 65535 + 1
+            if self._packet_id not in self.inflight:
+                return self._packet_id
+
+    @staticmethod
+    async def _write(handler: BrokerProtocolHandler, data: bytes) -> None:
+        writer = handler.writer
+        if writer is None:
+            raise ConnectionError("handler detached")
+        async with handler._write_lock:
+            writer.write(data)
+            await writer.drain()
