@@ -2,4 +2,4 @@
 
 from fishim.cli import main
 
-main()
+main(prog_name="fishim")

@@ -5,14 +5,25 @@ Every error a person can act on is one line on stderr and exit code 2, never a t
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import sqlite3
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
 from fishim.config import Config, ConfigError, load_config
-from fishim.logs import setup_logging
+
+if TYPE_CHECKING:
+    from fishim.store import Store
+
+LATE_AFTER_DEFAULT = "60m"  # fishim.views.LATE_AFTER_DEFAULT, repeated so --help needs no store import
 
 
 def fail(message: str) -> NoReturn:
@@ -54,6 +65,13 @@ class Ctx:
 pass_ctx = click.make_pass_decorator(Ctx)
 
 
+def _setup_logging(config: Config) -> None:
+    """Only the long-running commands log; read commands skip the import (start-up time matters)."""
+    from fishim.logs import setup_logging
+
+    setup_logging(config.logging)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--config", "-c", "config_path", type=click.Path(path_type=Path), envvar="FISHIM_CONFIG",
               default=None, help="broker.yaml to use (default ./broker.yaml, env FISHIM_CONFIG).")
@@ -84,7 +102,7 @@ def up(ctx: Ctx, bind: str | None, db: Path | None) -> None:
     from fishim.service import run_up
 
     config = ctx.override(bind=bind, db=db)
-    setup_logging(config.logging)
+    _setup_logging(config)
     sys.exit(run_up(config))
 
 
@@ -102,7 +120,7 @@ def broker(ctx: Ctx, bind: str | None, db: Path | None) -> None:
     from fishim.service import run_broker_only
 
     config = ctx.override(bind=bind, db=db)
-    setup_logging(config.logging)
+    _setup_logging(config)
     sys.exit(run_broker_only(config))
 
 
@@ -120,13 +138,19 @@ def bridge(ctx: Ctx, broker_url: str | None, db: Path | None) -> None:
     from fishim.bridge import run_bridge
 
     config = ctx.override(db=db)
-    setup_logging(config.logging)
+    _setup_logging(config)
     sys.exit(run_bridge(config, broker_url))
 
 
 @main.group()
 def users() -> None:
-    """Manage accounts (owner, staff, rider, customer, scanner)."""
+    """Manage accounts (owner, staff, rider, customer, scanner).
+
+    \b
+    Example:
+      echo 's3cret' | fishim users add rider7 --role rider --password-stdin
+      fishim users list
+    """
 
 
 @users.command("add")
@@ -196,6 +220,537 @@ def users_remove(ctx: Ctx, name: str) -> None:
         if not store.remove_user(name):
             fail(f"no user {name!r}")
     click.echo(f"user {name} removed")
+
+
+
+# -- the owner's read commands --------------------------------------------------------------------
+# Each builds a dict with fishim.views (the --json shape, docs/cli.md) and renders it for people here.
+
+STATES = ("placed", "confirmed", "picking", "packed", "assigned", "picked_up", "delivering", "delivered",
+          "cancelled", "failed")
+_STATE_COLOURS = {"delivered": "green", "cancelled": "red", "failed": "red", "delivering": "cyan",
+                  "picked_up": "cyan", "assigned": "cyan", "placed": "yellow"}
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output (docs/cli.md).")
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@contextmanager
+def reading(ctx: Ctx) -> Iterator[Store]:
+    """The store, read-only, with every way it can be unusable turned into one line and exit 2."""
+    from fishim.store import Store, StoreError
+
+    path = ctx.config.store.path
+    if not path.exists():
+        where = ctx.config_path or os.environ.get("FISHIM_CONFIG") or "broker.yaml"
+        fail(f"no store at {path}: start `fishim up` first, or point FISHIM_DB or store.path in {where} at it")
+    try:
+        store = Store(path, readonly=True)
+    except (StoreError, sqlite3.Error) as exc:
+        fail(f"cannot open store {path}: {exc}")
+    try:
+        yield store
+    except sqlite3.Error as exc:
+        fail(f"cannot read store {path}: {exc} (is it a fishim store?)")
+    finally:
+        store.close()
+
+
+def emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, ensure_ascii=False))
+
+
+def since_ms(text: str | None, now: int) -> int | None:
+    from fishim.views import parse_since
+
+    if text is None:
+        return None
+    try:
+        return parse_since(text, now)
+    except ValueError as exc:
+        fail(f"--since: {exc}")
+
+
+def _state(state: str, width: int = 0) -> str:
+    return click.style(state.ljust(width), fg=_STATE_COLOURS.get(state))
+
+
+def _table(headers: list[str], rows: list[list[str]], colours: list[dict[int, str | None]] | None = None) -> None:
+    """Left-aligned columns sized to their content; the last column is cut to the terminal width.
+
+    ``colours[i]`` maps column index to a click colour for row ``i`` (padding happens before styling,
+    so escape codes never break the alignment; click drops them when stdout is not a terminal).
+    """
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers[:-1])]
+    room = max(shutil.get_terminal_size((120, 24)).columns - sum(w + 2 for w in widths), 20)
+    click.echo(click.style("  ".join([*(h.ljust(w) for h, w in zip(headers, widths, strict=False)),
+                                      headers[-1]]), bold=True))
+    for i, row in enumerate(rows):
+        cells = [c.ljust(w) for c, w in zip(row, widths, strict=False)]
+        for index, fg in (colours[i] if colours else {}).items():
+            cells[index] = click.style(cells[index], fg=fg)
+        last = row[-1] if len(row[-1]) <= room else row[-1][: room - 3] + "..."
+        click.echo("  ".join([*cells, last]).rstrip())
+
+
+@main.group()
+def orders() -> None:
+    """Look inside orders: list, show one, watch live.
+
+    \b
+    Example:
+      fishim orders list --late
+      fishim orders show A1042
+      fishim orders watch A1042
+    """
+
+
+@orders.command("list")
+@click.option("--state", type=click.Choice(STATES), help="Only orders in this state.")
+@click.option("--rider", help="Only orders assigned to this rider.")
+@click.option("--since", "since", metavar="WHEN", help="Only orders with activity since WHEN: 2h, 30m, 1d or "
+              "a date like 2024-05-01T09:30.")
+@click.option("--late", is_flag=True, help="Only late orders: still open (not delivered or cancelled) and "
+              "placed longer ago than --late-after; oldest first.")
+@click.option("--late-after", default=LATE_AFTER_DEFAULT, show_default=True, metavar="DURATION",
+              help="How old an open order must be to count as late.")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(min=0),
+              help="At most this many orders (0: all).")
+@json_option
+@pass_ctx
+def orders_list(ctx: Ctx, state: str | None, rider: str | None, since: str | None, late: bool,
+                late_after: str, limit: int, as_json: bool) -> None:
+    """Orders, most recent activity first.
+
+    Columns: AGE is the time since the order was placed; UNREAD C/R counts the status changes and chat
+    messages the customer / the rider has not marked read yet (from their read receipts; '-' when the
+    order has no rider yet); LAST is the newest event. Customer names that look like phone numbers
+    are masked here (all but the last two digits); --json shows them unmasked.
+
+    \b
+    Example:
+      fishim orders list --state delivering
+      fishim orders list --rider rider7 --since 2h
+      fishim orders list --late --late-after 45m --json
+    """
+    from fishim.logs import mask
+    from fishim.views import fmt_age, orders_list, parse_duration, summarize
+
+    now = now_ms()
+    after = None
+    if late:
+        try:
+            after = parse_duration(late_after)
+        except ValueError as exc:
+            fail(f"--late-after: {exc}")
+    since_at = since_ms(since, now)
+    with reading(ctx) as store:
+        data = orders_list(store, now=now, state=state, rider=rider, since=since_at, late_after=after,
+                           limit=limit or None)
+    if as_json:
+        emit_json(data)
+        return
+    if not data["orders"]:
+        click.echo("no orders match" if (state or rider or since or late) else "no orders yet")
+        return
+    late_ms = after if after is not None else _late_ms(late_after)
+    rows, colours = [], []
+    for o in data["orders"]:
+        unread = o["unread"]
+        ev = o["last_event"]
+        last = "-"
+        if ev:
+            last = (f"{fmt_age(now - ev['received_at'])} ago {ev['channel']}: "
+                    f"{summarize(ev['channel'], ev['sender'], ev['payload'])}")
+        rows.append([o["id"], o["state"], mask(o["customer"] or "-"), o["rider"] or "-",
+                     fmt_age(o["age_s"] * 1000),
+                     f"{_dash(unread.get('customer'))}/{_dash(unread.get('rider'))}", last])
+        is_late = late_ms is not None and o["open"] and o["age_s"] * 1000 > late_ms
+        colours.append({1: _STATE_COLOURS.get(o["state"]), 4: "red" if is_late else None})
+    _table(["ID", "STATE", "CUSTOMER", "RIDER", "AGE", "UNREAD C/R", "LAST"], rows, colours)
+    if data["truncated"]:
+        click.echo(f"(showing the first {data['count']}; --limit 0 shows all)")
+
+
+def _late_ms(text: str) -> int | None:
+    from fishim.views import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError:
+        return None
+
+
+def _dash(value: int | None) -> str:
+    return "-" if value is None else str(value)
+
+
+@orders.command("show")
+@click.argument("order_id", metavar="ID")
+@json_option
+@pass_ctx
+def orders_show(ctx: Ctx, order_id: str, as_json: bool) -> None:
+    """One order's whole story, in the order fishim received it.
+
+    Status changes with who and when, picks against the items (picked/wanted), chat with mentions and
+    media references, a summary of the rider's location trail, and who has read up to which event.
+
+    \b
+    Example:
+      fishim orders show A1042
+      fishim orders show A1042 --json | jq '.timeline[] | select(.channel == "chat")'
+    """
+    from fishim.views import order_show
+
+    with reading(ctx) as store:
+        data = order_show(store, order_id)
+        path = store.path
+    if data is None:
+        fail(f"no order {order_id!r} in {path} (see `fishim orders list`)")
+    if as_json:
+        emit_json(data)
+        return
+    _render_order(data)
+
+
+def _render_order(data: dict[str, Any]) -> None:
+    from fishim.views import fmt_age, fmt_time, summarize
+
+    o = data["order"]
+    now = now_ms()
+    click.echo(click.style(f"Order {o['id']}", bold=True) + "  " + _state(o["state"]))
+    click.echo(f"  customer {o['customer'] or '-'}   rider {o['rider'] or '-'}   placed "
+               f"{fmt_time(o['created_at'])} ({fmt_age(now - o['created_at'])} ago)   "
+               f"updated {fmt_time(o['updated_at'])}   events {o['order_seq']}")
+    click.echo(click.style("\nItems", bold=True))
+    width = max([len(str(i["sku"])) for i in data["items"]] + [3])
+    for item in data["items"]:
+        done = item["picked"] >= item["wanted"]
+        mark = click.style(f"{item['picked']}/{item['wanted']} picked", fg="green" if done else "yellow")
+        click.echo(f"  {str(item['sku']).ljust(width)}  {mark}  {item['name'] or ''}".rstrip())
+    click.echo(click.style("\nTimeline", bold=True))
+    hidden = {"location": 0, "receipts": 0}
+    wanted = {str(i["sku"]): i["wanted"] for i in data["items"]}
+    picked: dict[str, int] = {}
+    for ev in data["timeline"]:
+        channel, payload = ev["channel"], ev["payload"]
+        if channel in hidden:
+            hidden[channel] += 1
+            continue
+        text = summarize(channel, ev["sender"], payload)
+        if channel == "picks":
+            sku = str(payload.get("sku"))
+            picked[sku] = picked.get(sku, 0) + int(payload.get("qty") or 0)
+            text += f" ({picked[sku]}/{wanted.get(sku, '?')})"
+        label = click.style(channel.ljust(6), fg={"status": "cyan", "chat": "magenta"}.get(channel))
+        click.echo(f"  {fmt_time(ev['received_at'])}  #{str(ev['order_seq']).ljust(3)} {label}  {text}")
+    if any(hidden.values()):
+        click.echo(f"  ({hidden['location']} location fixes and {hidden['receipts']} read receipts: "
+                   "summarised below)")
+    loc = data["location"]
+    click.echo(click.style("\nLocation", bold=True))
+    if loc["count"]:
+        first, last = loc["first"], loc["last"]
+        click.echo(f"  {loc['count']} fixes by {last['sender']}: first {fmt_time(first['received_at'])} at "
+                   f"{first['lat']},{first['lon']}; last {fmt_time(last['received_at'])} at "
+                   f"{last['lat']},{last['lon']}")
+    else:
+        click.echo("  no fixes yet")
+    click.echo(click.style("\nRead", bold=True))
+    if not data["receipts"]:
+        click.echo("  nobody has sent a read receipt yet")
+    for r in data["receipts"]:
+        click.echo(f"  {r['member']} read up to #{r['read_up_to']} of {o['order_seq']} at "
+                   f"{fmt_time(r['updated_at'])} ({r['unread']} unread status/chat)")
+
+
+@orders.command("watch")
+@click.argument("order_id", metavar="[ID]", required=False)
+@click.option("--since", "since_seq", type=click.IntRange(min=0), metavar="SEQ",
+              help="Start after this store seq (default: only what arrives from now on; 0: everything, "
+              "refused messages included).")
+@click.option("--count", type=click.IntRange(min=1), help="Stop after this many lines.")
+@click.option("--timeout", type=click.FloatRange(min=0), metavar="SECONDS", help="Stop after this long.")
+@click.option("--interval", default=0.25, show_default=True, type=click.FloatRange(min=0.01),
+              metavar="SECONDS", help="How often to look for new events.")
+@json_option
+@pass_ctx
+def orders_watch(ctx: Ctx, order_id: str | None, since_seq: int | None, count: int | None,
+                 timeout: float | None, interval: float, as_json: bool) -> None:
+    """Follow new events (and refused messages) live, on every order or just ID. Ctrl-C stops.
+
+    It follows the store the bridge writes, so it needs no MQTT account and shows exactly what was
+    accepted; refused messages appear as REFUSED lines (see `fishim deadletters`). With --json, one
+    JSON object per line.
+
+    \b
+    Example:
+      fishim orders watch
+      fishim orders watch A1042 --since 0 --count 20 --json
+    """
+    from fishim.views import deadletter_dict, event_dict, fmt_time, summarize
+
+    deadline = None if timeout is None else time.monotonic() + timeout
+    shown = 0
+    prefix = f"{ctx.config.prefix}/orders/{order_id}/" if order_id else None
+    try:
+        with reading(ctx) as store:
+            cursor = store.max_seq() if since_seq is None else since_seq
+            dead_cursor = 0 if since_seq == 0 else store.max_deadletter_id()  # they have no seq
+            click.echo(f"watching {store.path}{' order ' + order_id if order_id else ''} after seq {cursor} "
+                       "(Ctrl-C to stop)", err=True)
+            while True:
+                lines: list[tuple[dict[str, Any], str]] = []
+                top = store.max_seq()
+                events = store.events_since(cursor, [order_id] if order_id else None, limit=500)
+                # One writer commits seqs in order, so once everything up to `top` was read the cursor
+                # may jump there: a quiet order never makes later polls rescan other orders' events.
+                cursor = events[-1].seq if len(events) == 500 else max([top, *(e.seq for e in events[-1:])])
+                for event in events:
+                    ev = event_dict(event)
+                    lines.append(({"type": "event", **ev},
+                                  f"{fmt_time(ev['received_at'], date=False)}  {ev['order_id']}  "
+                                  f"#{ev['order_seq']}  {ev['channel']}: "
+                                  f"{summarize(ev['channel'], ev['sender'], ev['payload'])}"))
+                for letter in store.deadletters_after(dead_cursor):
+                    dead_cursor = letter.id or dead_cursor
+                    if prefix and not letter.topic.startswith(prefix):
+                        continue
+                    d = deadletter_dict(letter)
+                    lines.append(({"type": "deadletter", **d},
+                                  click.style(f"{fmt_time(d['received_at'], date=False)}  REFUSED {d['error']} "
+                                              f"from {d['user'] or '?'} on {d['topic']}: {d['detail']}",
+                                              fg="red")))
+                for data, text in lines:
+                    click.echo(json.dumps(data, ensure_ascii=False) if as_json else text)
+                    shown += 1
+                    if count is not None and shown >= count:
+                        return
+                if deadline is not None and time.monotonic() >= deadline:
+                    return
+                if not lines:
+                    time.sleep(interval if deadline is None else min(interval, max(deadline - time.monotonic(), 0)))
+    except KeyboardInterrupt:
+        click.echo("stopped", err=True)
+    except BrokenPipeError:  # `fishim orders watch | head`: the reader left; end quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+@main.command()
+@click.option("--since", "since", metavar="WHEN", help="Only those received since WHEN: 2h, 30m, 1d or a date.")
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(min=1),
+              help="At most this many, the newest.")
+@json_option
+@pass_ctx
+def deadletters(ctx: Ctx, since: str | None, limit: int, as_json: bool) -> None:
+    """Messages fishim refused, and why.
+
+    Bad JSON, wrong schema, an illegal state change, a topic the sender may not use...; the newest
+    --limit, oldest first.
+
+    \b
+    Example:
+      fishim deadletters --since 2h
+      fishim deadletters --json | jq -r '.deadletters[].error' | sort | uniq -c
+    """
+    from fishim.views import deadletters as build
+    from fishim.views import fmt_time
+
+    since_at = since_ms(since, now_ms())
+    with reading(ctx) as store:
+        data = build(store, since_at, limit)
+    if as_json:
+        emit_json(data)
+        return
+    if not data["deadletters"]:
+        click.echo("no refused messages" + (f" since {fmt_time(since_at)}" if since_at else ""))
+        return
+    for d in data["deadletters"]:
+        click.echo(f"{fmt_time(d['received_at'])}  {click.style(d['error'], fg='red')}  from {d['user'] or '?'}"
+                   f"  on {d['topic']}" + (f"  id {d['msg_id']}" if d["msg_id"] else ""))
+        click.echo(f"    {d['detail']}")
+    if data["truncated"]:
+        click.echo(f"(the newest {data['count']}; --limit raises it)")
+
+
+@main.command()
+@json_option
+@pass_ctx
+def stats(ctx: Ctx, as_json: bool) -> None:
+    """Health at a glance.
+
+    Events/s over the last minute, stored events, orders by state, refused messages, connected
+    clients (when `fishim up`/`fishim broker` runs on this machine on this store; '-' otherwise) and
+    the database size.
+
+    \b
+    Example:
+      fishim stats
+      fishim stats --json | jq .events_per_s
+    """
+    from fishim.service import read_status
+    from fishim.views import fmt_time
+    from fishim.views import stats as build
+
+    now = now_ms()
+    with reading(ctx) as store:
+        data = build(store, now, read_status(store.path, now))
+    if as_json:
+        emit_json(data)
+        return
+    by_state = ", ".join(f"{k} {v:,}" for k, v in data["orders"]["by_state"].items()) or "none yet"
+    broker = data["broker"]
+    clients = "-  (no fishim broker running here on this store)"
+    if broker:
+        clients = f"{broker['clients_connected']}  (the bridge included; `fishim {broker['mode']}` pid " \
+                  f"{broker['pid']}, since {fmt_time(broker['started_at'])})"
+    for label, value in (
+        ("events/s (last minute)", f"{data['events_per_s']:.2f}  ({data['events_last_minute']:,} events)"),
+        ("stored events", f"{data['stored_events']:,}  (last seq {data['max_seq']:,})"),
+        ("orders", f"{data['orders']['total']:,}: {by_state}"),
+        ("refused messages", f"{data['deadletters']:,}  (fishim deadletters)"),
+        ("connected clients", clients),
+        ("database", f"{data['db_path']}, {data['db_bytes'] / 1e6:.1f} MB"),
+    ):
+        click.echo(f"{label:<24} {value}")
+
+
+@main.command()
+@click.argument("user")
+@click.option("--since", "since", default=0, show_default=True, type=click.IntRange(min=0), metavar="N",
+              help="The client's sync cursor: replay events with seq > N (0: everything).")
+@click.option("--client-id", default="fishim-cli", show_default=True,
+              help="Client id used in the sync topic; it names the reply topic only.")
+@click.option("--order", "order_ids", multiple=True, metavar="ID", help="Only these orders (repeatable).")
+@click.option("--full", is_flag=True, help="Every location fix (a client gets only the latest per order).")
+@json_option
+@pass_ctx
+def replay(ctx: Ctx, user: str, since: int, client_id: str, order_ids: tuple[str, ...], full: bool,
+           as_json: bool) -> None:
+    """What USER's app would get if it synced now.
+
+    The events after cursor N on the orders USER may read, exactly as the bridge would answer.
+
+    DESIGN.md writes `fishim replay CLIENT_ID`; the argument is the user (MQTT username), because
+    what a client may replay is decided by its user's role and orders, never by its client id (which
+    only names the reply topic; set it with --client-id).
+
+    \b
+    Example:
+      fishim replay rider7 --since 1200
+      fishim replay cust1 --order A1042 --json
+    """
+    from fishim.sync import SyncServer
+    from fishim.topics import Channel, TopicRef, is_name
+    from fishim.views import summarize
+
+    for name, value in (("USER", user), ("--client-id", client_id), *(("--order", o) for o in order_ids)):
+        if not is_name(value):
+            fail(f"{name}: bad name {value!r} (1-64 of A-Z a-z 0-9 _ -)")
+    request: dict[str, Any] = {"since": since, "collapse": not full}
+    if order_ids:
+        request["orders"] = list(order_ids)
+    with reading(ctx) as store:
+        known = store.get_user(user)
+        server = SyncServer(store.path, ctx.config)
+        try:
+            replies = server.handle(TopicRef(channel=Channel.SYNC_REQUEST, user=user, client_id=client_id),
+                                    json.dumps(request).encode())
+        finally:
+            server.close()
+    pages = [json.loads(body) for _topic, body in replies]
+    if pages and "error" in pages[0]:
+        fail(f"sync refused: {pages[0]['error']}: {pages[0].get('detail', '')}")
+    events = [e for p in pages for e in p.get("events", [])]
+    last = pages[-1] if pages else {}
+    data = {"user": user, "role": known.role if known else None, "client_id": client_id, "since": since,
+            "pages": len(pages), "next_since": last.get("next_since", since), "more": bool(last.get("more")),
+            "collapsed": last.get("collapsed", []), "events": events}
+    if as_json:
+        emit_json(data)
+        return
+    role = data["role"] or "no account: anonymous loopback rules"
+    click.echo(f"{user} ({role}) syncing from {since} would get {len(events)} events in {len(pages)} "
+               f"message(s); new cursor {data['next_since']}"
+               + (" (more: it asks again)" if data["more"] else "")
+               + (f"; only the latest {', '.join(data['collapsed'])} per order" if data["collapsed"] else ""))
+    for e in events:
+        channel = e["topic"].split("/")[3] if e["topic"].count("/") >= 3 else "?"
+        order = e["topic"].split("/")[2] if e["topic"].count("/") >= 2 else "?"
+        click.echo(f"  #{e['seq']:<7} {order:<10} {channel:<8} "
+                   f"{summarize(channel, e['payload'].get('sender', '?'), e['payload'])}")
+
+
+@main.command("mosquitto-acl")
+@click.option("--out", required=True, type=click.Path(path_type=Path, file_okay=False),
+              help="Directory for the `acl` and `passwd` files (created if missing).")
+@click.option("--passwords-stdin", is_flag=True,
+              help="Read NAME:PASSWORD lines from standard input for the password file.")
+@pass_ctx
+def mosquitto_acl(ctx: Ctx, out: Path, passwords_stdin: bool) -> None:
+    """Write a Mosquitto 2 ACL and password file from the store's users and orders.
+
+    The store keeps only argon2 hashes, so clear passwords come from stdin (each is checked against
+    the store); the bridge's own account is read from its secret file. Users without a password are
+    left out of `passwd`. Riders and customers get lines for their current orders only: rerun and
+    send mosquitto SIGHUP after orders are placed or riders assigned (docs/security.md).
+
+    \b
+    Example:
+      printf 'rider7:s3cret\\n' | fishim mosquitto-acl --out /etc/mosquitto/fishim --passwords-stdin
+      # mosquitto.conf: acl_file /etc/mosquitto/fishim/acl
+      #                 password_file /etc/mosquitto/fishim/passwd
+    """
+    from fishim.auth import service_secret_file
+    from fishim.mosquitto_acl import PasswordMismatch, write_mosquitto_files
+
+    passwords: dict[str, str] = {}
+    if passwords_stdin:
+        for number, line in enumerate(sys.stdin.read().splitlines(), 1):
+            name, sep, password = line.partition(":")
+            if line.strip() and (not sep or not name or not password):
+                fail(f"stdin line {number}: expected NAME:PASSWORD")
+            if sep:
+                passwords[name] = password
+    secret_file = service_secret_file(ctx.config.store.path)
+    if secret_file.exists() and ctx.config.bridge.username not in passwords:
+        passwords[ctx.config.bridge.username] = secret_file.read_text(encoding="utf-8").strip()
+    with reading(ctx) as store:
+        try:
+            files = write_mosquitto_files(store, ctx.config.prefix, out, passwords)
+        except PasswordMismatch as exc:
+            fail(str(exc))
+        except OSError as exc:
+            fail(f"cannot write to {out}: {exc.strerror or exc}")
+    click.echo(f"wrote {files.acl} and {files.passwd}")
+    if files.without_password:
+        click.echo(f"not in passwd (no password given, Mosquitto will refuse them): "
+                   f"{', '.join(files.without_password)}", err=True)
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench(args: tuple[str, ...]) -> None:
+    """Benchmarks against stock amqtt and Mosquitto (runs scripts/bench.py; see `fishim bench --help`).
+
+    \b
+    Example:
+      fishim bench --quick           # under a minute, rough figures
+      fishim bench                   # full mode, for BENCHMARKS.md, on a quiet machine
+    """
+    import importlib.util
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
+    spec = importlib.util.spec_from_file_location("fishim_bench", script)
+    if not script.exists() or spec is None or spec.loader is None:
+        fail(f"no benchmark script at {script}: it lives in the source tree, run this from a checkout")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    sys.exit(module.main(list(args)))
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ class ErrorCode(StrEnum):
     BAD_MENTION = "bad_mention"
     RECEIPT_BACKWARDS = "receipt_backwards"
     DUPLICATE_ID = "duplicate_id"
+    CURSOR_AHEAD = "cursor_ahead"  # a sync cursor past the store's last seq: the store was reset
 
 
 class Rejected(Exception):
@@ -171,6 +172,7 @@ class SyncRequest(_Body):
 class SyncEvent(BaseModel):
     seq: int
     topic: str
+    order_seq: int | None = None  # the event's place in its order, what read receipts count
     payload: dict[str, Any]
 
 
@@ -182,6 +184,8 @@ class SyncPage(BaseModel):
     done: bool
     request_id: str | None = None
     collapsed: list[str] = Field(default_factory=list)
+    page: int = 0  # index of this message within the reply, from 0: a gap means one was lost
+    more: bool = False  # the reply stopped at the server's per-request bound: ask again from next_since
 
 
 class ErrorMessage(BaseModel):

@@ -89,7 +89,9 @@ def apply(order: OrderRow | None, ref: TopicRef, msg: Message, seq: int, now: in
         return _apply_status(order, ref.order or "", msg, seq, now, directory)
     if order is None:
         raise Rejected(ErrorCode.UNKNOWN_ORDER, f"order {ref.order!r} does not exist (no 'placed' status yet)")
-    updated = order.model_copy(deep=True)
+    # Shallow copy (a deep one was half the bridge's per-message cost): below only scalars are set and
+    # last_location replaced; `picked`, the one container the pick gate changes, gets its own dict.
+    updated = order.model_copy(update={"picked": dict(order.picked)})
     updated.updated_at, updated.last_seq, updated.order_seq = now, seq, order.order_seq + 1
     outcome = Outcome(order=updated)
     match msg:

@@ -1,0 +1,413 @@
+"""Shared pytest fixtures. Each section belongs to one module's tests; append, don't rewrite."""
+
+from __future__ import annotations
+
+# ==== embedded broker fixtures (fishim/broker.py; tests/test_broker*.py) ===========================
+# embedded_broker_factory / embedded_broker: an EmbeddedBroker on 127.0.0.1, kernel-chosen port, in
+# its own event-loop thread. paho: paho-mqtt clients recording CONNACK/SUBACK/messages, always closed.
+# raw_mqtt + wire: a socket-level MQTT 3.1.1 client and packet builders for crafting bad packets.
+import asyncio
+import queue
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Coroutine, Iterator
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any, TypeVar
+
+import paho.mqtt.client as paho_mqtt
+import pytest
+
+from fishim.broker import EmbeddedBroker
+from fishim.config import BrokerSettings, Config, Limits, ListenerConfig
+
+_T = TypeVar("_T")
+
+
+class BrokerThread:
+    """An :class:`EmbeddedBroker` on its own asyncio loop in a daemon thread, for sync paho tests."""
+
+    def __init__(self, config: Config, **kwargs: Any) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="embedded-broker", daemon=True)
+        self._thread.start()
+        self.broker = EmbeddedBroker(config, **kwargs)
+        try:
+            self.call(self.broker.start())
+        except BaseException:
+            self._stop_loop()
+            raise
+
+    @property
+    def port(self) -> int:
+        return self.broker.port()
+
+    def call(self, coro: Coroutine[Any, Any, _T], timeout: float = 10.0) -> _T:
+        """Run a coroutine on the broker's loop and return its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def run(self, fn: Callable[[], _T], timeout: float = 10.0) -> _T:
+        """Run a plain function on the broker's loop (broker state is only safe to touch there)."""
+
+        async def wrapper() -> _T:
+            return fn()
+
+        return self.call(wrapper(), timeout)
+
+    def wait_until(self, predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+        """Poll ``predicate`` on the broker loop until true (a condition wait, not a fixed sleep)."""
+        deadline = time.monotonic() + timeout
+        while not self.run(predicate):
+            if time.monotonic() > deadline:
+                raise TimeoutError("broker condition not reached")
+            time.sleep(0.01)
+
+    def close(self) -> None:
+        try:
+            self.call(self.broker.stop(), timeout=15)
+        finally:
+            self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(5)
+        if not self._thread.is_alive():
+            self.loop.close()
+
+
+def broker_config(
+    *, limits: dict[str, Any] | None = None, broker: dict[str, Any] | None = None,
+    listeners: list[ListenerConfig] | None = None,
+) -> Config:
+    """A Config for tests: loopback listener on a kernel-chosen port unless ``listeners`` given."""
+    return Config(
+        listeners=listeners or [ListenerConfig(name="default", bind="127.0.0.1:0")],
+        limits=Limits(**(limits or {})),
+        broker=BrokerSettings(**(broker or {})),
+    )
+
+
+@pytest.fixture
+def embedded_broker_factory() -> Iterator[Callable[..., BrokerThread]]:
+    """``start(limits={...}, broker={...}, listeners=[...], authenticator=..., ...)`` -> BrokerThread."""
+    started: list[BrokerThread] = []
+
+    def start(*, limits: dict[str, Any] | None = None, broker: dict[str, Any] | None = None,
+              listeners: list[ListenerConfig] | None = None, **kwargs: Any) -> BrokerThread:
+        thread = BrokerThread(broker_config(limits=limits, broker=broker, listeners=listeners), **kwargs)
+        started.append(thread)
+        return thread
+
+    yield start
+    for thread in reversed(started):
+        thread.close()
+
+
+@pytest.fixture
+def embedded_broker(embedded_broker_factory: Callable[..., BrokerThread]) -> BrokerThread:
+    return embedded_broker_factory()
+
+
+@dataclass(frozen=True)
+class Received:
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    dup: bool
+
+
+class Paho:
+    """A paho-mqtt 2.x client (callback API v2, MQTT 3.1.1) that records what tests wait on.
+
+    The message queue is attached before CONNECT, so messages a persistent session gets right
+    after CONNACK are not lost to paho's "no on_message" path.
+    """
+
+    def __init__(self, port: int, client_id: str, *, clean_session: bool = True,
+                 username: str | None = None, password: str | None = None, keepalive: int = 60,
+                 will: tuple[str, bytes] | None = None, transport: str = "tcp",
+                 tls_ca: str | None = None, host: str = "127.0.0.1") -> None:
+        self.client = paho_mqtt.Client(paho_mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                                       clean_session=clean_session, protocol=paho_mqtt.MQTTv311,
+                                       transport=transport)  # type: ignore[arg-type]
+        self.messages: queue.Queue[Received] = queue.Queue()
+        self.disconnected = threading.Event()
+        self._connack: queue.Queue[tuple[Any, bool]] = queue.Queue()
+        self._subacks: dict[int, list[int]] = {}
+        self._cond = threading.Condition()
+        self.client.on_connect = lambda _c, _u, flags, rc, _p: self._connack.put((rc, flags.session_present))
+        self.client.on_disconnect = lambda *_a: self.disconnected.set()
+        self.client.on_message = self._on_message
+        self.client.on_subscribe = self._on_subscribe
+        if username is not None:
+            self.client.username_pw_set(username, password)
+        if will is not None:
+            self.client.will_set(will[0], will[1], qos=1)
+        if tls_ca is not None:
+            self.client.tls_set(ca_certs=tls_ca)
+        self.client.connect(host, port, keepalive)
+        self.client.loop_start()
+        try:
+            rc, present = self._connack.get(timeout=10)
+        except queue.Empty:
+            self.client.loop_stop()
+            raise TimeoutError("no CONNACK") from None
+        self.refused = bool(rc.is_failure)
+        self.reason = str(rc)
+        self.session_present = bool(present)
+        if self.refused:
+            self.client.loop_stop()
+
+    def _on_message(self, _client: Any, _userdata: Any, msg: paho_mqtt.MQTTMessage) -> None:
+        self.messages.put(Received(msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain), bool(msg.dup)))
+
+    def _on_subscribe(self, _client: Any, _userdata: Any, mid: int, codes: list[Any], _p: Any) -> None:
+        with self._cond:
+            self._subacks[mid] = [code.value for code in codes]
+            self._cond.notify_all()
+
+    def subscribe(self, topic_filter: str, qos: int = 1) -> int:
+        """SUBSCRIBE and wait for SUBACK; returns the granted QoS (0x80 if refused)."""
+        result, mid = self.client.subscribe(topic_filter, qos)
+        assert result == paho_mqtt.MQTT_ERR_SUCCESS and mid is not None
+        with self._cond:
+            assert self._cond.wait_for(lambda: mid in self._subacks, timeout=5), "no SUBACK"
+            return self._subacks.pop(mid)[0]
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+        """Publish and wait until done: PUBACK for QoS 1, written to the socket for QoS 0."""
+        info = self.client.publish(topic, payload, qos, retain)
+        info.wait_for_publish(5)
+        assert info.is_published(), f"{topic} not acknowledged"
+
+    def get(self, timeout: float = 5.0) -> Received:
+        try:
+            return self.messages.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(f"no message within {timeout}s") from None
+
+    def until(self, topic: str, timeout: float = 5.0) -> list[Received]:
+        """Every message up to and including the first on ``topic``: a marker proves what came before.
+
+        The broker delivers to one session in order, so anything leaked earlier shows up in the list.
+        """
+        got: list[Received] = []
+        deadline = time.monotonic() + timeout
+        while not got or got[-1].topic != topic:
+            got.append(self.get(max(0.0, deadline - time.monotonic())))
+        return got
+
+    def close(self) -> None:
+        if self.client.is_connected():
+            self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.fixture
+def paho() -> Iterator[Callable[..., Paho]]:
+    """``connect(port, client_id, **Paho_kwargs)``; every client is closed after the test."""
+    clients: list[Paho] = []
+
+    def connect(port: int, client_id: str, **kwargs: Any) -> Paho:
+        client = Paho(port, client_id, **kwargs)
+        clients.append(client)
+        return client
+
+    yield connect
+    for client in clients:
+        client.close()
+
+
+def mqtt_string(value: str | bytes) -> bytes:
+    raw = value.encode("utf-8") if isinstance(value, str) else value
+    return struct.pack("!H", len(raw)) + raw
+
+
+def mqtt_packet(first_byte: int, body: bytes) -> bytes:
+    """Fixed header (type/flags byte + remaining length) + body."""
+    length, encoded = len(body), bytearray()
+    while True:
+        byte, length = length & 0x7F, length >> 7
+        encoded.append(byte | 0x80 if length else byte)
+        if not length:
+            return bytes([first_byte]) + bytes(encoded) + body
+
+
+def connect_packet(client_id: str, *, clean: bool = True, keepalive: int = 0, level: int = 4,
+                   will: tuple[str, bytes] | None = None, username: str | None = None,
+                   password: str | None = None, flags_extra: int = 0) -> bytes:
+    flags = (0x02 if clean else 0) | flags_extra
+    payload = mqtt_string(client_id)
+    if will is not None:
+        flags |= 0x04 | 0x08  # will, QoS 1
+        payload += mqtt_string(will[0]) + mqtt_string(will[1])
+    if username is not None:
+        flags |= 0x80
+        payload += mqtt_string(username)
+    if password is not None:
+        flags |= 0x40
+        payload += mqtt_string(password)
+    variable = mqtt_string("MQTT") + bytes([level, flags]) + struct.pack("!H", keepalive)
+    return mqtt_packet(0x10, variable + payload)
+
+
+def publish_packet(topic: str | bytes, payload: bytes, qos: int = 0, packet_id: int = 1) -> bytes:
+    body = mqtt_string(topic) + (struct.pack("!H", packet_id) if qos else b"") + payload
+    return mqtt_packet(0x30 | (qos << 1), body)
+
+
+def subscribe_packet(topic_filter: str | bytes, qos: int = 1, packet_id: int = 1) -> bytes:
+    return mqtt_packet(0x82, struct.pack("!H", packet_id) + mqtt_string(topic_filter) + bytes([qos]))
+
+
+@dataclass(frozen=True)
+class RawPacket:
+    type: int
+    flags: int
+    body: bytes
+
+    @property
+    def publish(self) -> tuple[str, int | None, bytes]:
+        """(topic, packet id, payload) of a PUBLISH."""
+        length = struct.unpack("!H", self.body[:2])[0]
+        topic, rest = self.body[2 : 2 + length].decode(), self.body[2 + length :]
+        if (self.flags >> 1) & 3:
+            return topic, struct.unpack("!H", rest[:2])[0], rest[2:]
+        return topic, None, rest
+
+    @property
+    def dup(self) -> bool:
+        return bool(self.flags & 0x08)
+
+
+class RawMqtt:
+    """A blocking MQTT 3.1.1 client on a bare socket: sends exactly the bytes a test crafts."""
+
+    def __init__(self, port: int, host: str = "127.0.0.1") -> None:
+        self.sock = socket.create_connection((host, port), timeout=5)
+        self._buffer = b""
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def connect(self, client_id: str, **kwargs: Any) -> tuple[bool, int]:
+        """CONNECT and read CONNACK: (session_present, return code)."""
+        self.send(connect_packet(client_id, **kwargs))
+        packet = self.read()
+        assert packet is not None and packet.type == 2, f"expected CONNACK, got {packet}"
+        return bool(packet.body[0] & 1), packet.body[1]
+
+    def subscribe(self, topic_filter: str, qos: int = 1, packet_id: int = 1) -> int:
+        self.send(subscribe_packet(topic_filter, qos, packet_id))
+        packet = self.read()
+        assert packet is not None and packet.type == 9, f"expected SUBACK, got {packet}"
+        return packet.body[2]
+
+    def puback(self, packet_id: int) -> None:
+        self.send(mqtt_packet(0x40, struct.pack("!H", packet_id)))
+
+    def read(self, timeout: float = 5.0) -> RawPacket | None:
+        """The next packet, or None if the broker closed the connection."""
+        self.sock.settimeout(timeout)
+        header = self._take(1)
+        if header is None:
+            return None
+        length, shift = 0, 0
+        while True:
+            byte = self._take(1)
+            if byte is None:
+                return None
+            length |= (byte[0] & 0x7F) << shift
+            shift += 7
+            if not byte[0] & 0x80:
+                break
+        body = self._take(length) if length else b""
+        if body is None:
+            return None
+        return RawPacket(header[0] >> 4, header[0] & 0x0F, body)
+
+    def closed_by_broker(self, timeout: float = 5.0) -> bool:
+        """True once the broker closes the socket; packets received before that are skipped."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if self.read(max(0.01, deadline - time.monotonic())) is None:
+                    return True
+            except TimeoutError:
+                return False
+        return False
+
+    def _take(self, n: int) -> bytes | None:
+        while len(self._buffer) < n:
+            try:
+                chunk = self.sock.recv(65536)
+            except ConnectionResetError:
+                chunk = b""
+            if not chunk:
+                return None
+            self._buffer += chunk
+        data, self._buffer = self._buffer[:n], self._buffer[n:]
+        return data
+
+    def abort(self) -> None:
+        """Vanish like a phone losing signal: RST, no DISCONNECT."""
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.sock.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def wire() -> SimpleNamespace:
+    """Packet builders for raw_mqtt tests: wire.connect(...), wire.publish(...), wire.subscribe(...),
+    wire.packet(first_byte, body), wire.string(text_or_bytes)."""
+    return SimpleNamespace(connect=connect_packet, publish=publish_packet, subscribe=subscribe_packet,
+                           packet=mqtt_packet, string=mqtt_string)
+
+
+@pytest.fixture
+def raw_mqtt() -> Iterator[Callable[[int], RawMqtt]]:
+    clients: list[RawMqtt] = []
+
+    def open_client(port: int) -> RawMqtt:
+        client = RawMqtt(port)
+        clients.append(client)
+        return client
+
+    yield open_client
+    for client in clients:
+        client.close()
+# ==== end of embedded broker fixtures ===============================================================
+
+
+# ==== security fixtures (fishim/auth.py; tests/test_security_*.py) =================================
+# secure_broker_factory: start(db, listeners=[...], limits={...}) -> BrokerThread running fishim's
+# own StoreAuthenticator and OrderAcl over the store at ``db`` (thread.acl is the OrderAcl).
+# Module-scoped, so a whole access table runs against one broker.
+@pytest.fixture(scope="module")
+def secure_broker_factory() -> Iterator[Callable[..., BrokerThread]]:
+    from fishim.auth import OrderAcl, StoreAuthenticator
+    from fishim.config import StoreConfig
+
+    started: list[tuple[BrokerThread, StoreAuthenticator, OrderAcl]] = []
+
+    def start(db: Any, *, listeners: list[ListenerConfig] | None = None,
+              limits: dict[str, Any] | None = None) -> BrokerThread:
+        config = broker_config(limits=limits, listeners=listeners).model_copy(
+            update={"store": StoreConfig(path=db)})
+        authenticator, acl = StoreAuthenticator(db, config), OrderAcl(db, config)
+        thread = BrokerThread(config, authenticator=authenticator, authorizer=acl)
+        thread.acl = acl  # type: ignore[attr-defined]
+        started.append((thread, authenticator, acl))
+        return thread
+
+    yield start
+    for thread, authenticator, acl in reversed(started):
+        thread.close()
+        authenticator.close()
+        acl.close()
+# ==== end of security fixtures ======================================================================
