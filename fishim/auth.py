@@ -506,7 +506,8 @@ class OrderAcl:
             if tok == "<self>":
                 ok = level == principal.username
             elif tok == "<member>":
-                ok = is_name(level) and principal.username in (self.members(level) or ())
+                ok = (principal.username is not None and is_name(level)
+                      and principal.username in (self.members(level) or ()))
             else:
                 ok = is_name(level)
             if not ok:

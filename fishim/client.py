@@ -257,8 +257,9 @@ class FishimClient:
         self._orders_mid: int | None = None
         self._main: _Sync | None = None
         self._syncing = False
-        self._backfills: dict[str, _Sync] = {}
-        self._backfilled: set[str] = set()
+        self._backfills: dict[str, _Sync] = {}  # in flight, by request id
+        self._backfill_todo: set[str] = set()  # orders whose backfill has not completed yet
+        self._backfilled: set[str] = set()  # orders whose backfill completed (once per process)
         self._held: list[ClientEvent] = []
         self._again = False  # sync once more after the current one (overflow, sync() during a sync)
         self._unanswered = 0  # consecutive main syncs that timed out
@@ -296,8 +297,11 @@ class FishimClient:
 
         With ``wait=False`` this returns at once and keeps trying in the background (an app started
         without signal). Raises :class:`FishimClientError` if the broker refuses the credentials,
-        ``OSError``/``TimeoutError`` if it cannot be reached within ``timeout``.
+        ``TimeoutError`` if no CONNACK came within ``timeout`` (unreachable broker); either way the
+        client is closed.
         """
+        if self._threads:
+            raise FishimClientError(f"{self!r}: connect() called twice")
         self._mqtt.connect_async(self.host, self.port, self.keepalive)
         self._mqtt.loop_start()
         self._start_thread("watchdog", self._watchdog)
@@ -498,6 +502,8 @@ class FishimClient:
                 return
             self._orders_mid = None
             self._start_sync()
+            for order in sorted(self._backfill_todo):  # cut off by the reconnect: ask again
+                self._start_sync(orders=[order])
 
     def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
         topic = msg.topic
@@ -600,6 +606,8 @@ class FishimClient:
                 return
             if not main:
                 del self._backfills[rid]
+                self._backfill_todo.difference_update(sync.orders or ())
+                self._backfilled.update(sync.orders or ())
                 return
             self.stats["last_sync_ms"] = round((time.monotonic() - sync.started) * 1000)
             self._main = None
@@ -638,7 +646,7 @@ class FishimClient:
                     self._sync_error = error
                     self._finish_sync()
             elif error.id in self._backfills:
-                del self._backfills[error.id]
+                self._backfill_todo.difference_update(self._backfills.pop(error.id).orders or ())
         self._errors.put(error)
         if self.on_error is not None:
             try:
@@ -673,11 +681,11 @@ class FishimClient:
         if payload.get("state") != "assigned" or payload.get("rider") != self.username:
             return
         order = event.order
-        if not order or order in self._backfilled:
+        if not order or order in self._backfilled or order in self._backfill_todo:
             return
         if event.source == "replay" and self._main is not None and self._main.since == 0:
             return  # this replay starts at 0: it already holds the whole history
-        self._backfilled.add(order)
+        self._backfill_todo.add(order)
         self._start_sync(orders=[order])
 
     # -- delivery --------------------------------------------------------------------------------

@@ -15,8 +15,9 @@ from fishim.config import LoggingConfig
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 
-# Digits and ASCII letters bound a number; CJK text around it does not ("电话13812345678谢谢").
-_B = r"(?<![0-9A-Za-z_.+\-])"
+# Digits and ASCII letters bound a number; CJK text and dashes around it do not ("电话13812345678谢谢",
+# a client-made id "m-13812345678").
+_B = r"(?<![0-9A-Za-z_.+])"
 _E = r"(?![0-9A-Za-z_]|\.\d)"
 _PHONE = re.compile(
     _B + r"(?:"

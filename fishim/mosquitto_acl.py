@@ -111,8 +111,8 @@ class MosquittoFiles:
 
 def write_mosquitto_files(store: Store, prefix: str, out: Path, passwords: Mapping[str, str],
                           iterations: int = PBKDF2_ITERATIONS) -> MosquittoFiles:
-    """Write ``out/acl`` and ``out/passwd`` (0600: hashes are still worth guarding; give the
-    passwd file to Mosquitto's user).
+    """Write ``out/acl`` (0644) and ``out/passwd`` (0600: hashes are still worth guarding; chown it
+    to Mosquitto's user after every run, as each run replaces the file).
 
     Users missing from ``passwords`` are left out of the password file (Mosquitto refuses them)
     and returned in ``without_password`` so the caller can say so.

@@ -120,7 +120,7 @@ PLANS: dict[str, Plan] = {
                  latency_baseline=True, replay_events=10_000, fanin_riders=500, fanin_s=60.0, fanin_reps=3,
                  fanin_procs=2, fanin_parallel=False, memory_small=10_000, memory_big=1_000_000,
                  memory_push=5_000, profile_s=15.0, idle_s=10.0, run_cap_s=240.0),
-    "quick": Plan("quick", reps=3, tput_n=1_000, e2e_n=1_500, latency_rate=1000, latency_s=1.0,
+    "quick": Plan("quick", reps=3, tput_n=2_000, e2e_n=1_500, latency_rate=1000, latency_s=1.0,
                   latency_baseline=False, replay_events=10_000, fanin_riders=50, fanin_s=10.0, fanin_reps=1,
                   fanin_procs=1, fanin_parallel=True, memory_small=10_000, memory_big=100_000,
                   memory_push=1_000, profile_s=2.0, idle_s=3.0, run_cap_s=30.0),
@@ -1524,12 +1524,9 @@ def section_live(b: Bench, wanted: set[str]) -> dict[str, Any]:
             if name in wanted:
                 results[name] = section(b, lives)
         if "profile" in wanted:
-            fishim_live = next((lv for lv in lives if lv.kind == "fishim"), None)
-            if fishim_live is None:
-                results["profile"] = {"skipped": "the embedded broker is not among the brokers"}
-            else:
-                stored = results.get("e2e", {}).get("fishim", {}).get("bridge", {}).get("stored_per_s")
-                results["profile"] = profile(b, fishim_live, stored)
+            e2e = results.get("e2e", {})
+            results["profile"] = profile(b, lives, {lv.kind: e2e.get(lv.kind, {}).get("bridge", {}).get(
+                "stored_per_s") for lv in lives})
     return results
 
 
@@ -1538,49 +1535,69 @@ def section_live(b: Bench, wanted: set[str]) -> dict[str, Any]:
 PROFILE_HZ = 200
 
 
-def profile(b: Bench, live: Live, stored_per_s: float | None) -> dict[str, Any]:
-    """py-spy on the bridge and the embedded broker under the e2e flood, from outside.
+def profile(b: Bench, lives: list[Live], stored: dict[str, float | None]) -> dict[str, Any]:
+    """py-spy on the processes that limit each stack, under the e2e flood, from outside.
 
-    ``--gil`` samples only the thread holding the GIL: where the Python CPU goes, which is what limits
-    these processes. Time blocked in select(), queue waits or inside SQLite (which releases the GIL)
-    does not show; the e2e figures cover SQLite's share.
+    On the embedded stack that is the broker (and the bridge beside it); on Mosquitto it is the
+    bridge. ``--gil`` samples only the thread holding the GIL: where the Python CPU goes, which is what
+    limits these processes. Time blocked in select(), queue waits or inside SQLite (which releases the
+    GIL) does not show; the e2e figures cover SQLite's share.
     """
     pyspy = _py_spy()
     if pyspy is None:
         return {"skipped": "py-spy not installed (pip install py-spy; it is in the test extra)"}
-    assert live.bridge is not None
+    out: dict[str, Any] = {"tool": f"py-spy record --gil --rate {PROFILE_HZ} --nonblocking (collapsed stacks)",
+                           "seconds": b.plan.profile_s}
+    for live in lives:
+        assert live.bridge is not None
+        targets = {"broker": live.ep.pid, "bridge": live.bridge.pid} if live.kind == "fishim" else \
+            {f"bridge-on-{live.kind}": live.bridge.pid}
+        out.update(_profile_stack(b, pyspy, live, targets, stored.get(live.kind)))
+    progress("profile: " + ", ".join(f"{k} {v.get('samples', 0)} samples" for k, v in out.items()
+                                     if isinstance(v, dict)))
+    return out
+
+
+def _profile_stack(b: Bench, pyspy: str, live: Live, targets: dict[str, int],
+                   stored_per_s: float | None) -> dict[str, Any]:
     seconds = b.plan.profile_s
-    targets = {"bridge": live.bridge.pid, "broker": live.ep.pid}
     procs: dict[str, subprocess.Popen[bytes]] = {}
     files = {name: b.out / f"profile-{name}.txt" for name in targets}
     try:
         for name, pid in targets.items():
+            files[name].unlink(missing_ok=True)
             argv = [pyspy, "record", "--pid", str(pid), "--rate", str(PROFILE_HZ), "--duration",
                     str(math.ceil(seconds)), "--gil", "--format", "raw", "--output", str(files[name]), "--nonblocking"]
             procs[name] = spawn(argv, f"py-spy-{name}", b.log(f"py-spy-{name}"))
         time.sleep(0.5)  # attach
-        n = int(max(b.plan.e2e_n, (stored_per_s or 3000) * seconds * 1.2))
+        n = int(max(b.plan.e2e_n, (stored_per_s or 3000) * seconds * 1.5))
         job = {"topics": [f"{PREFIX}/orders/e2e/chat/bench"], "n": n, "qos": 1, "sender": "bench",
-               "id_prefix": f"prof{uuid.uuid4().hex[:4]}", "max_s": seconds + 2}
-        asyncio.run(run_publisher(b, live.ep, job, [], 0, "profile"))
+               "id_prefix": f"prof{uuid.uuid4().hex[:4]}", "max_s": seconds + 1}
+        asyncio.run(run_publisher(b, live.ep, job, [], 0, f"profile-{live.kind}"))
         for proc in procs.values():
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(seconds + 30)
     finally:
         for proc in procs.values():
             stop(proc)
-    out: dict[str, Any] = {"tool": f"py-spy record --gil --rate {PROFILE_HZ} --nonblocking (collapsed stacks)",
-                           "seconds": seconds}
+    out: dict[str, Any] = {}
     for name, path in files.items():
         if not path.exists() or path.stat().st_size == 0:
             log = b.log(f"py-spy-{name}")
             out[name] = {"error": f"no samples (see {log}): {_log_tail(log, 3)}"}
             continue
         out[name] = {"file": str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path),
+                     "gil_share": round(_total_samples(path) / (PROFILE_HZ * math.ceil(seconds)), 3),
                      **summarise_stacks(path.read_text(errors="replace"))}
-    progress("profile: " + ", ".join(f"{k} {v.get('samples', 0)} samples" for k, v in out.items()
-                                     if isinstance(v, dict)))
     return out
+
+
+def _total_samples(path: Path) -> int:
+    total = 0
+    for line in path.read_text(errors="replace").splitlines():
+        count = line.rpartition(" ")[2]
+        total += int(count) if count.isdigit() else 0
+    return total
 
 
 _FRAME = re.compile(r"^(?P<func>.+?) \((?P<file>[^()]*?)(?::\d+)?\)$")
@@ -1953,15 +1970,18 @@ def _md_profile(p: dict[str, Any]) -> list[str]:
     lines = ["### Profile (generated)", ""]
     if "skipped" in p:
         return [*lines, f"Skipped: {p['skipped']}.", ""]
-    lines += [f"{p['tool']}, {p['seconds']:g} s under the e2e flood on the embedded broker. Files: "
-              + ", ".join(f"`{p[n]['file']}`" for n in ("bridge", "broker") if "file" in p.get(n, {})) + ".", ""]
-    for name in ("bridge", "broker"):
-        s = p.get(name, {})
+    names = [k for k, v in p.items() if isinstance(v, dict)]
+    lines += [f"{p['tool']}, {p['seconds']:g} s per stack under the e2e flood. Files: "
+              + ", ".join(f"`{p[n]['file']}`" for n in names if "file" in p[n]) + ". GIL share = the share "
+              "of the time that process was running Python.", ""]
+    for name in names:
+        s = p[name]
         if "error" in s or not s.get("samples"):
             lines += [f"{name}: {s.get('error', 'no samples')}", ""]
             continue
         areas = ", ".join(f"{a} {v}%" for a, v in s["area_self_percent"])
-        lines += [f"**{name}** ({s['samples']:,} samples). Self time by package: {areas}.", "",
+        lines += [f"**{name}** ({s['samples']:,} samples, GIL share {s.get('gil_share', 0):.0%}). Self time by "
+                  f"package: {areas}.", "",
                   "| self % | function | | inclusive % | function |", "|---:|---|---|---:|---|"]
         for (fs, ps), (fi, pi) in zip(s["self_percent"][:10], s["inclusive_percent"][:10], strict=False):
             lines.append(f"| {ps} | `{fs}` | | {pi} | `{fi}` |")

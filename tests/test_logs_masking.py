@@ -9,18 +9,22 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from _security_shop import make_shop
 
-from fishim.config import LoggingConfig
+from fishim.bridge import Bridge
+from fishim.config import Config, ListenerConfig, LoggingConfig, StoreConfig
 from fishim.logs import mask, setup_logging
+from fishim.testing.mqtt import Collector, connect_client, publish_and_wait
 
 
 @pytest.mark.parametrize(("text", "masked"), [
     # Chinese mobiles and landlines, bare and grouped, inside CJK text (no word boundary there)
     ("电话13812345678谢谢", "电话*********78谢谢"),
+    ("id=m-13812345678", "id=m-*********78"),
     ("联系:138-1234-5678", "联系:*********78"),
     ("+86 138 1234 5678", "***********78"),
     ("+8613812345678", "***********78"),
@@ -59,6 +63,7 @@ def test_street_addresses_are_replaced(text: str, masked: str) -> None:
     "peer=192.168.100.200:51234 listener=default",
     "2024-11-25T10:00:00.123Z batch messages=500 stored=498",
     "topic=fishim/orders/A1/chat/rider7 id=msg-20241125-0001",
+    "id=auto-A1-picking-1732530000000 uuid=550e8400-e29b-41d4-a716-446655440000",
 ])
 def test_operational_lines_are_left_alone(text: str) -> None:
     assert mask(text) == text
@@ -87,6 +92,7 @@ def log_file(tmp_path: Path) -> Iterator[Path]:
     """fishim's real logging setup writing to a file; the root logger is restored afterwards."""
     root = logging.getLogger()
     saved = root.handlers[:], root.level
+    noisy = {name: logging.getLogger(name).level for name in ("amqtt", "transitions", "websockets")}
     path = tmp_path / "fishim.log"
     setup_logging(LoggingConfig(level="INFO", file=path))
     try:
@@ -95,6 +101,8 @@ def log_file(tmp_path: Path) -> Iterator[Path]:
         for handler in root.handlers:
             handler.close()
         root.handlers[:], root.level = saved[0], saved[1]
+        for name, level in noisy.items():
+            logging.getLogger(name).setLevel(level)
 
 
 def test_broker_and_bridge_log_lines_with_payloads_are_masked(log_file: Path) -> None:
@@ -115,3 +123,28 @@ def test_broker_and_bridge_log_lines_with_payloads_are_masked(log_file: Path) ->
     assert "555) 123-4567" not in text and "221B Baker" not in text
     assert text.count("*********78") == 2 and text.count("[address]") == 3
     assert "password=***" in text and "rejected topic=fishim/orders/A1/chat/cust1" in text
+
+
+def test_real_bridge_rejection_line_is_masked(log_file: Path, tmp_path: Path,
+                                              secure_broker_factory: Callable[..., object]) -> None:
+    """A customer mentions a phone number in chat; the bridge refuses the mention and logs why. The
+    log line (and everything else the broker and bridge logged meanwhile) carries no phone number."""
+    db = tmp_path / "shop.db"
+    passwords = make_shop(db)
+    port: int = secure_broker_factory(db).port  # type: ignore[attr-defined]
+    bridge = Bridge(Config(store=StoreConfig(path=db), listeners=[ListenerConfig(bind=f"127.0.0.1:{port}")]))
+    try:
+        bridge.start()
+        bridge.wait_ready(30)
+        with connect_client(port, "c1-masking", username="c1", password=passwords["c1"]) as c1, \
+                Collector(c1, "fishim/errors/c1") as errors:
+            publish_and_wait(c1, "fishim/orders/A1/chat/c1", {
+                "id": "m-13812345678", "ts": 1, "sender": "c1", "mentions": ["13812345678"],
+                "text": "打我电话13812345678, 送到文三路90号2单元"})
+            error = errors.get(timeout=30).json()  # sent after the bridge logged the refusal
+    finally:
+        bridge.stop()
+    assert error["error"] == "bad_mention" and "13812345678" in error["detail"]  # the sender sees it
+    text = log_file.read_text(encoding="utf-8")
+    assert "rejected topic=fishim/orders/A1/chat/c1" in text and "error=bad_mention" in text
+    assert "13812345678" not in text and "文三路90号" not in text

@@ -9,6 +9,7 @@ module, where a denied delivery is shown by its absence before a sentinel publis
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -114,10 +115,16 @@ def test_membership_cache_follows_announcements_and_the_store(shop: tuple[Path, 
 
 # -- the table on real clients ------------------------------------------------------------------
 
-def test_access_table_on_real_clients(broker: object, shop: tuple[Path, dict[str, str]]) -> None:
-    """Every role x channel x publish / subscribe / retained delivery / live delivery, 0 leaks."""
+def test_access_table_on_real_clients(broker: object, shop: tuple[Path, dict[str, str]],
+                                      caplog: pytest.LogCaptureFixture) -> None:
+    """Every role x channel x publish / subscribe / retained delivery / live delivery, 0 leaks; and
+    no password in any log record (unmasked, DEBUG) of the 32 logins it takes."""
+    caplog.set_level(logging.DEBUG)
     result = run_table(broker.port, shop[1], suback_enforced=True)  # type: ignore[attr-defined]
     assert result.wrong == []
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "connected client_id=c1-rx0" in logged
+    assert not [user for user, pw in shop[1].items() if pw in logged]
     size = (len(PUBLISHERS) * len(PUBLISH) + len(RECEIVERS) * len(SUBSCRIBE)
             + len(RECEIVERS) * len(RECEIVE_FILTERS) * (len(RETAINED) + len(RECEIVE)))
     assert result.rows == size == 804

@@ -443,3 +443,66 @@ def test_client_live_and_replay_overlap_never_yields_twice(stack: Stack, tmp_pat
     assert set(ids) == set(stored), f"missing {len(set(stored) - set(ids))}"
     replayed = [e.seq for e in mine if e.source == "replay" and e.seq is not None]
     assert replayed, "nothing was replayed: the test did not exercise the overlap"
+
+
+def test_client_backfills_an_order_assigned_to_it_later(stack: Stack) -> None:
+    """The rider's cursor is past the order's early history; on its `assigned` status the client asks
+    for that order from 0, so it ends up holding the whole timeline, each event once."""
+    db = stack.db
+    with connect_client(stack.port, "shop-bf") as shop, \
+            FishimClient("127.0.0.1", stack.port, "rider-bf") as rider:
+        base = _count(db)
+        n = _open_order(shop, "bf-1", "cust-bf", None)
+        _pub(shop, T.chat("bf-1", "cust-bf"), sender="cust-bf", text="before any rider")
+        _wait_stored(db, base + n + 1)
+        rider.subscribe_orders()  # sync: bf-1 is not the rider's yet, the cursor moves past it
+        assert rider.cursor >= base + n + 1
+        early = _drain(rider, 0.5)  # anonymous mode: retained statuses of every order arrive live
+        _pub(shop, T.status("bf-1"), state="assigned", rider="rider-bf")
+        _pub(shop, T.chat("bf-1", "cust-bf"), sender="cust-bf", text="after")
+        _wait_stored(db, base + n + 3)
+        deadline = time.monotonic() + 10
+        with Store(db, readonly=True) as store:
+            stored = [e.id for e in store.order_events("bf-1")]
+        got = [e for e in early if e.order == "bf-1"]
+        while {e.id for e in got} != set(stored):
+            assert time.monotonic() < deadline, f"missing {set(stored) - {e.id for e in got}}"
+            got += [e for e in _drain(rider, 0.3) if e.order == "bf-1"]
+    assert len(got) == len({e.id for e in got}), "delivered twice"
+    backfilled = [e for e in got if e.source == "replay"]
+    assert [e.seq for e in backfilled] == sorted(e.seq for e in backfilled) and backfilled
+
+
+def test_client_resets_a_cursor_from_another_store(stack: Stack, tmp_path: Path) -> None:
+    """A cursor past the store's end (the store was replaced) is refused with cursor_ahead; the client
+    starts over from 0 instead of silently skipping everything."""
+    import sqlite3
+
+    cursor_file = tmp_path / "old.cursor"
+    with connect_client(stack.port, "shop-ca") as shop:
+        base = _count(stack.db)
+        _wait_stored(stack.db, base + _open_order(shop, "ca-1", "cust-ca", "rider-ca"))
+    FishimClient("127.0.0.1", stack.port, "rider-ca", cursor_path=cursor_file).close()  # makes the file
+    with sqlite3.connect(cursor_file) as db:
+        db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('cursor', '99999999')")
+    with FishimClient("127.0.0.1", stack.port, "rider-ca", cursor_path=cursor_file) as rider:
+        rider.subscribe_orders()
+        got = [e for e in _drain(rider, 1.0) if e.order == "ca-1" and e.source == "replay"]
+        assert [e.payload["state"] for e in got] == ["placed", "confirmed", "picking", "packed", "assigned"]
+        assert rider.cursor < 99999999
+        assert [e.error for e in rider.errors()] == ["cursor_ahead"]
+
+
+def test_client_publish_helpers_and_errors(stack: Stack) -> None:
+    with connect_client(stack.port, "shop-ph") as shop:
+        base = _count(stack.db)
+        _wait_stored(stack.db, base + _open_order(shop, "ph-1", "cust-ph", "rider-ph"))
+    with FishimClient("127.0.0.1", stack.port, "rider-ph") as rider:
+        ok = rider.publish_chat("ph-1", "5 minutes away", mentions=["cust-ph"])
+        bad = rider.publish_status("ph-1", "delivered")  # assigned -> delivered is not a legal transition
+        error = next(rider.errors(timeout=10.0))
+        assert (error.id, error.error) == (bad, "illegal_transition")
+        with Store(stack.db, readonly=True) as store:
+            stored = store.get_event(ok)
+            assert stored is not None and stored.sender == "rider-ph" and stored.topic == T.chat("ph-1", "rider-ph")
+            assert store.get_event(bad) is None
