@@ -750,7 +750,7 @@ def bench(args: tuple[str, ...]) -> None:
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses look their module up
     spec.loader.exec_module(module)
-    sys.exit(module.main(list(args)))
+    sys.exit(module.main(list(args), prog="fishim bench"))
 
 
 if __name__ == "__main__":

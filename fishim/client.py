@@ -93,6 +93,7 @@ class _Checkpoint:
 
 
 _CLOSED = object()
+_SUBSCRIBING = -1  # _orders_mid between CONNACK and our SUBSCRIBE going out
 
 
 @dataclass
@@ -219,7 +220,7 @@ class FishimClient:
         keepalive: int = 30,
         publish_timeout: float = 10.0,
         reconnect_delay: tuple[int, int] = (1, 30),
-        sync_timeout: float = 30.0,
+        sync_timeout: float = 10.0,
         sync_interval: float | None = 60.0,
         dedup_size: int = 20_000,
         live_buffer: int = 10_000,
@@ -362,12 +363,16 @@ class FishimClient:
         With ``wait`` (and a connection) it returns once the first replay is queued.
         """
         with self._lock:
+            if self._want_orders:
+                return
             self._want_orders = True
             self._syncing = True
-        if self._mqtt.is_connected():
-            self._subscribe(orders=True)
-            if wait:
-                self.wait_synced(timeout)
+            connected = self._mqtt.is_connected()
+            if connected:
+                self._orders_mid = _SUBSCRIBING
+                self._subscribe(orders=True)
+        if connected and wait:
+            self.wait_synced(timeout)
 
     def sync(self, *, wait: bool = True, timeout: float = 30.0) -> None:
         """Replay from the cursor now (an app coming to the foreground, a test about to check).
@@ -465,6 +470,7 @@ class FishimClient:
                 # Hold live messages from now on (a persistent session may deliver queued ones before
                 # our SUBACK) until the replay for this connection is done.
                 self._syncing = self._want_orders
+                self._orders_mid = _SUBSCRIBING if self._want_orders else None
                 self._main = None
                 self._backfills.clear()
             self._changed.notify_all()
@@ -485,12 +491,15 @@ class FishimClient:
                    (self.topics.sync_events(self.username, self.client_id), 1)]
         if orders:
             filters.append((self.topics.all_orders, 1))
-        result, mid = self._mqtt.subscribe(filters)
-        if result != mqtt.MQTT_ERR_SUCCESS:
-            log.warning("%r: subscribe failed: %s", self, mqtt.error_string(result))
-            return
-        if orders:
-            with self._lock:
+        # Lock held across subscribe(): the SUBACK may be handled on the network thread before
+        # subscribe() even returns, and must find _orders_mid already set (paho takes no lock here
+        # that its network thread holds while calling us, so this cannot deadlock).
+        with self._lock:
+            result, mid = self._mqtt.subscribe(filters)
+            if result != mqtt.MQTT_ERR_SUCCESS:
+                log.warning("%r: subscribe failed: %s", self, mqtt.error_string(result))
+                return
+            if orders:
                 self._orders_mid = mid
 
     def _on_subscribe(self, _c: Any, _u: Any, mid: int, rcs: list[ReasonCode], _p: Any) -> None:
@@ -743,6 +752,8 @@ class FishimClient:
                 if (self.sync_interval is not None and self._want_orders and not self._syncing
                         and self._main is None and now - self._last_synced > self.sync_interval):
                     self._start_sync()
+                if self._syncing and self._main is None and self._orders_mid is None:
+                    self._start_sync()  # never expected: a sync wanted but neither asked nor pending
                 if self._main is not None and now - self._main.sent_at > self.sync_timeout:
                     self._unanswered += 1
                     heal = self._unanswered >= 2

@@ -281,7 +281,7 @@ async def _serve(config: Config, *, with_bridge: bool) -> int:
                 log.info("shutting down")
             finally:
                 status.cancel()
-                _stop_accepting(broker)
+                broker.stop_accepting()
                 if supervisor is not None:
                     await supervisor.stop()
                 await broker.stop()
@@ -312,17 +312,6 @@ def _auth(config: Config) -> tuple[StoreAuthenticator, OrderAcl]:
     from fishim.auth import OrderAcl, StoreAuthenticator
 
     return StoreAuthenticator(config.store.path, config), OrderAcl(config.store.path, config)
-
-
-def _stop_accepting(broker: EmbeddedBroker) -> None:
-    """Close the listening sockets first, so nobody connects while the bridge drains (connected
-    clients stay connected until the broker stops)."""
-    try:
-        servers = getattr(broker.core, "_bound", {})
-    except RuntimeError:
-        return
-    for server in servers.values():
-        server.close()
 
 
 async def _write_status(config: Config, broker: EmbeddedBroker, supervisor: BridgeSupervisor | None, mode: str,

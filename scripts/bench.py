@@ -15,8 +15,8 @@ Sections (``--only`` picks some, all run by default); each figure is the median 
    broker CPU and RSS (500 riders x 60 s; ``--quick``: 50 x 10 s).
 6. ``memory``: bridge RSS over a big history vs a small one (1,000,000 vs 10,000 stored events;
    ``--quick``: 100,000 vs 10,000). It must not grow with history.
-7. ``profile``: py-spy samples of the bridge and the embedded broker under the e2e load, saved to
-   ``bench-out/profile-*.txt`` (collapsed stacks) and summarised in the report.
+7. ``profile``: py-spy samples of the embedded broker and its bridge, and of the bridge on Mosquitto,
+   under the e2e load, saved to ``bench-out/profile-*.txt`` (collapsed stacks) and summarised.
 
 Every broker, bridge and load generator is a process of its own (its own GIL), bound to 127.0.0.1,
 started in its own process group and ended on exit, Ctrl-C or failure (and by the kernel if this
@@ -370,9 +370,15 @@ class RawMqtt:
             raise MqttError(f"{self.client_id}: subscription refused: {list(filters)} -> {codes}")
         return codes
 
-    async def slot(self) -> None:
-        """Wait for room in the QoS-1 window (call before :meth:`send` with ``qos=1``)."""
-        await self._slots.acquire()
+    async def slot(self, timeout: float | None = None) -> None:
+        """Wait for room in the QoS-1 window (call before :meth:`send` with ``qos=1``).
+
+        Raises TimeoutError after ``timeout`` seconds; the common case, room at once, costs no task.
+        """
+        if timeout is None or not self._slots.locked():
+            await self._slots.acquire()
+        else:
+            await asyncio.wait_for(self._slots.acquire(), timeout)
 
     def send(self, topic: bytes, payload: bytes, qos: int = 0, retain: bool = False) -> None:
         """Write one PUBLISH now; for QoS 1 the caller holds a :meth:`slot`."""
@@ -597,7 +603,10 @@ async def _publish_job(job: dict[str, Any]) -> dict[str, Any]:
             if delay > 0.0005:
                 await asyncio.sleep(delay)
         if qos:
-            await client.slot()
+            try:  # a broker that stops acknowledging must not hold the worker past its deadline
+                await client.slot(max(0.1, deadline - time.monotonic()))
+            except TimeoutError:
+                break
         elif i % 64 == 0:
             await client.drain()
         client.send(topics[i % len(topics)], make(i), qos, retain)
@@ -655,7 +664,7 @@ async def _riders_job(job: dict[str, Any]) -> dict[str, Any]:
                 await asyncio.sleep(delay)
             if qos:
                 try:
-                    await asyncio.wait_for(client.slot(), interval * 5)
+                    await client.slot(interval * 5)
                 except TimeoutError:
                     blocked += 1
                     break
@@ -1624,6 +1633,18 @@ def _frame_key(frame: str) -> tuple[str, str]:
     return f"{match['func']} ({short})", area
 
 
+_ENTRY_FILES = ("fishim/cli.py", "fishim/__main__.py", "fishim/service.py", "fishim/broker.py")
+_ENTRY_FUNCS = ("Bridge._run_writer ", "Bridge._run_sync ", "Client._thread_main ", "Client.loop_forever ",
+                "<module> ")
+_WORK_AREAS = ("fishim/", "amqtt/", "paho/", "pydantic", "json/", "sqlite3/")
+
+
+def _worth_inclusive(key: str) -> bool:
+    where = key.rpartition("(")[2]
+    return (where.startswith(_WORK_AREAS) and not where.startswith(_ENTRY_FILES)
+            and not key.startswith(_ENTRY_FUNCS))
+
+
 def summarise_stacks(text: str, top: int = 12) -> dict[str, Any]:
     """Self and inclusive time per function, and self time per area (package), from collapsed stacks."""
     self_time: Counter[str] = Counter()
@@ -1648,8 +1669,9 @@ def summarise_stacks(text: str, top: int = 12) -> dict[str, Any]:
     def share(counter: Counter[str]) -> list[list[Any]]:
         return [[name, round(100 * c / total, 1)] for name, c in counter.most_common(top)] if total else []
 
-    # Entry frames (thread bootstrap, the event loop, click) are in nearly every sample: say nothing.
-    inner = Counter({k: c for k, c in inclusive.items() if c < 0.9 * total and not k.startswith("<module>")})
+    # Inclusive time only for the code doing the work: not the event loop, click, thread bootstraps
+    # or the entry points that sit under every sample of their thread.
+    inner = Counter({k: c for k, c in inclusive.items() if c < 0.9 * total and _worth_inclusive(k)})
     return {"samples": total, "self_percent": share(self_time), "inclusive_percent": share(inner),
             "area_self_percent": share(areas)}
 
@@ -2007,13 +2029,21 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
 
 # == command line =====================================================================================
 
-def main(argv: Sequence[str] | None = None) -> int:
+EPILOG = f"""sections: {", ".join(SECTIONS)}
+
+Example:
+  fishim bench --quick                      # < 60 s, rough figures (python scripts/bench.py --quick)
+  fishim bench                              # full mode for BENCHMARKS.md, on a quiet machine
+  fishim bench --only e2e,profile --keep    # two sections; keep the stores and logs
+"""
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "scripts/bench.py") -> int:
     args_in = list(sys.argv[1:] if argv is None else argv)
     if args_in[:1] == ["_worker"]:
         return worker_main()
-    parser = argparse.ArgumentParser(prog="bench.py", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="Sections: " + ", ".join(SECTIONS))
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0], epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small counts, under a minute (rough figures)")
     parser.add_argument("--only", help="comma-separated sections to run (default: all)")
     parser.add_argument("--brokers", default=",".join(BROKERS), help="peers to compare (default: %(default)s)")
@@ -2033,7 +2063,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     plan = PLANS["quick" if args.quick else "full"]
     if args.reps:
         plan = replace(plan, reps=max(1, args.reps))
-    command = "python scripts/bench.py" + "".join(f" {a}" for a in args_in)
+    command = (prog if prog.startswith("fishim") else f"python {prog}") + "".join(f" {a}" for a in args_in)
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _interrupt)
     progress(f"fishim bench, {plan.name} mode: {', '.join(sections)}")

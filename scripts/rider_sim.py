@@ -16,7 +16,7 @@ having arrived anywhere else. At the end every proxy is restored, each rider syn
 events are compared with the store: every event of its orders, none twice, none of other orders (in
 ``--anonymous`` mode the broker lets everyone read everything live, so "foreign" is only reported).
 Prints a tally and one JSON line; exit 1 if any rider is off. Bounded: ``--duration`` seconds of
-traffic (default 35) plus at most ~15 s to settle and check, and ``--orders`` orders at most.
+traffic (default 35) plus at most ~12 s to settle and check, and ``--orders`` orders at most.
 
     python scripts/rider_sim.py --riders 5 --scanners 2 --orders 30 --duration 35
 """
@@ -311,12 +311,13 @@ def main() -> int:
     parser.add_argument("--customers", type=int, default=6)
     parser.add_argument("--orders", type=int, default=30, help="orders placed at most")
     parser.add_argument("--concurrent", type=int, default=10, help="open orders at a time")
-    parser.add_argument("--duration", type=float, default=35.0, help="seconds of traffic (then settle ≤ 15 s)")
+    parser.add_argument("--duration", type=float, default=35.0, help="seconds of traffic (then settle ≤ 12 s)")
     parser.add_argument("--tick", type=float, default=0.15, help="seconds between shop/scanner/rider steps")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--anonymous", action="store_true", help="no accounts (anonymous loopback mode)")
     parser.add_argument("--broker", help="HOST:PORT of a running fishim (needs --db, its store)")
     parser.add_argument("--db", type=Path, help="the store of --broker")
+    parser.add_argument("--broker-log", type=Path, help="save the broker's and bridge's log here")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -351,7 +352,7 @@ def main() -> int:
                 time.sleep(args.tick)
             sim.stop.set()
             weather.join(10)
-            sim.settle(timeout=15.0)
+            sim.settle(timeout=12.0)
             rows = sim.check()
             states = sim.store.orders_by_state()
             total_events = sim.store.count_events()
@@ -362,6 +363,8 @@ def main() -> int:
         finally:
             sim.close()
             if stack is not None:
+                if args.broker_log:
+                    args.broker_log.write_text(stack.log_text(), encoding="utf-8")
                 stack.close()
     ok = all(r["missing"] == 0 and r["duplicates"] == 0 and (args.anonymous or r["foreign"] == 0) for r in rows)
     print(f"{'rider':<8} {'orders':>6} {'owed':>5} {'got':>5} {'miss':>4} {'coll':>4} {'dup':>3} {'foreign':>7} "
