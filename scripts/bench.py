@@ -944,44 +944,53 @@ def fill_store(db: Path, events: int, *, orders: int, customer: str, prefix: str
     """Write ``events`` stored events over ``orders`` placed orders straight into SQLite; returns seconds.
 
     Each order starts with its ``placed`` status (also in ``retained``, as the bridge would leave it),
-    then chat from its customer. Rows go in with executemany in large transactions.
+    then chat from its customer. Rows go in through ``Store.insert_events`` in large transactions, with
+    the events table's secondary indexes dropped meanwhile and rebuilt from their own SQL afterwards
+    (three times faster for a million rows than keeping them up to date row by row).
     """
     from fishim.store import EventRow, OrderRow, Store
 
     started = time.monotonic()
     now = int(time.time() * 1000)
+    chat = '{"id":"%s","ts":%d,"sender":"%s","text":"%s"}'
     text = "x" * 100
     with Store(db) as store:
-        store.conn.execute("PRAGMA synchronous=OFF")  # a benchmark fixture: nothing to protect yet
+        conn = store.conn
+        conn.execute("PRAGMA synchronous=OFF")  # a benchmark fixture: nothing to protect yet
         first = store.next_seq()
+        order_ids = [f"{prefix}-{o:05d}" for o in range(orders)]
+        chat_topics = [f"{PREFIX}/orders/{o}/chat/{customer}" for o in order_ids]
 
         def row(i: int) -> EventRow:
-            order_id = f"{prefix}-{i % orders:05d}"
+            o = i % orders
             order_seq = i // orders + 1
             ident = f"{prefix}-{i:09d}"
             if order_seq == 1:
-                payload = placed_status(order_id, customer, ident).decode()
-                return EventRow(first + i, ident, order_id, 1, "status", f"{PREFIX}/orders/{order_id}/status", "shop",
-                                now, now, 1, payload)
-            payload = json.dumps({"id": ident, "ts": now, "sender": customer, "text": text}, separators=(",", ":"))
-            return EventRow(first + i, ident, order_id, order_seq, "chat",
-                            f"{PREFIX}/orders/{order_id}/chat/{customer}", customer, now, now, 0, payload)
+                return EventRow(first + i, ident, order_ids[o], 1, "status", f"{PREFIX}/orders/{order_ids[o]}/status",
+                                "shop", now, now, 1, placed_status(order_ids[o], customer, ident).decode())
+            return EventRow(first + i, ident, order_ids[o], order_seq, "chat", chat_topics[o], customer, now, now, 0,
+                            chat % (ident, now, customer, text))
 
+        indexes = conn.execute("SELECT name, sql FROM sqlite_master WHERE type='index' AND tbl_name='events'"
+                               " AND sql IS NOT NULL").fetchall()
+        with store.transaction():
+            for name, _sql in indexes:
+                conn.execute(f'DROP INDEX "{name}"')
         chunk = 50_000
         for start in range(0, events, chunk):
             with store.transaction():
                 store.insert_events(row(i) for i in range(start, min(events, start + chunk)))
         with store.transaction():
-            for o in range(min(orders, events)):
-                order_id = f"{prefix}-{o:05d}"
+            for _name, sql in indexes:
+                conn.execute(sql)
+            for o, order_id in enumerate(order_ids[:events]):
                 count = events // orders + (1 if o < events % orders else 0)
-                last = first + o + (count - 1) * orders
                 store.put_order(OrderRow(id=order_id, state="placed", customer=customer,
                                          items=[{"sku": "rod", "qty": 1}], created_at=now, updated_at=now,
-                                         last_seq=last, order_seq=count))
+                                         last_seq=first + o + (count - 1) * orders, order_seq=count))
                 store.put_retained(f"{PREFIX}/orders/{order_id}/status",
                                    placed_status(order_id, customer, f"{prefix}-{o:09d}"), 1, first + o)
-        store.conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
     return time.monotonic() - started
 
 
