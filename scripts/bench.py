@@ -120,7 +120,7 @@ PLANS: dict[str, Plan] = {
                  latency_baseline=True, replay_events=10_000, fanin_riders=500, fanin_s=60.0, fanin_reps=3,
                  fanin_procs=2, fanin_parallel=False, memory_small=10_000, memory_big=1_000_000,
                  memory_push=5_000, profile_s=15.0, idle_s=10.0, run_cap_s=240.0),
-    "quick": Plan("quick", reps=3, tput_n=2_000, e2e_n=1_500, latency_rate=1000, latency_s=1.0,
+    "quick": Plan("quick", reps=3, tput_n=1_500, e2e_n=1_500, latency_rate=1000, latency_s=1.0,
                   latency_baseline=False, replay_events=10_000, fanin_riders=50, fanin_s=10.0, fanin_reps=1,
                   fanin_procs=1, fanin_parallel=True, memory_small=10_000, memory_big=100_000,
                   memory_push=1_000, profile_s=2.0, idle_s=3.0, run_cap_s=30.0),
@@ -1312,7 +1312,7 @@ async def replay_run(b: Bench, live: Live, user: str, rep: int) -> dict[str, Any
         await client.subscribe([(f"{PREFIX}/sync/{user}/{client_id}/events", 1)])
         start_ns = time.time_ns()
         await client.publish(f"{PREFIX}/sync/{user}/{client_id}/request".encode(),
-                             json.dumps({"since": 0, "id": f"sync-{client_id}"}).encode(), 1)
+                             json.dumps({"since": 0, "collapse": False, "id": f"sync-{client_id}"}).encode(), 1)
         try:
             await asyncio.wait_for(done.wait(), b.plan.run_cap_s)
         except TimeoutError:
@@ -1405,21 +1405,44 @@ def _summarise(runs: list[dict[str, Any]], *paths: str) -> dict[str, Any]:
     return out
 
 
+def direct_replay(db: Path, user: str) -> dict[str, Any]:
+    """The sync engine alone on the same store, no network (scripts/bench_replay.py's peer figure)."""
+    from fishim.config import Config
+    from fishim.sync import SyncServer
+    from fishim.topics import Topics, parse
+
+    server = SyncServer(db, Config())
+    try:
+        ref = parse(Topics().sync_request(user, "direct"))
+        started = time.perf_counter()
+        pages = server.handle(ref, b'{"since": 0, "collapse": false}')
+        seconds = time.perf_counter() - started
+    finally:
+        server.close()
+    events = sum(len(json.loads(body).get("events", [])) for _topic, body in pages)
+    return {"events": events, "events_per_s": round(events / seconds, 1) if seconds > 0 else 0.0}
+
+
 def live_replay(b: Bench, lives: list[Live]) -> dict[str, Any]:
-    """Section 4: replay to a reconnecting client, alternating the stacks."""
+    """Section 4: replay to a reconnecting client, alternating the stacks, next to the engine alone."""
     plan = b.plan
     runs: dict[str, list[dict[str, Any]]] = {lv.kind: [] for lv in lives}
+    direct: list[dict[str, Any]] = []
     for rep in range(plan.reps):
+        direct.append(direct_replay(lives[0].db, "replayer"))
         for lv in lives:
             run = asyncio.run(replay_run(b, lv, "replayer", rep))
             runs[lv.kind].append(run)
             progress(f"replay {lv.kind:<9} rep {rep + 1}: {run['events']:,} events, "
-                     f"{run['events_per_s']:>9,.0f} events/s")
+                     f"{run['events_per_s']:>9,.0f} events/s (engine alone {direct[-1]['events_per_s']:,.0f}/s)")
     per = {k: _summarise(v, "events_per_s", "events", "first_page_ms") for k, v in runs.items()}
+    engine = _summarise(direct, "events_per_s", "events")
     fishim = per.get("fishim", {}).get("events_per_s")
     peer = per.get("mosquitto", {}).get("events_per_s")
-    return {"stored_events": plan.replay_events, "reps": plan.reps, **per,
-            "ratio_fishim_vs_mosquitto": ratio(fishim, peer), "target_events_per_s": TARGET_REPLAY_PER_S,
+    return {"stored_events": plan.replay_events, "reps": plan.reps, **per, "sync_engine_alone": engine,
+            "ratio_fishim_vs_mosquitto": ratio(fishim, peer),
+            "ratio_fishim_vs_engine_alone": ratio(fishim, engine["events_per_s"]),
+            "target_events_per_s": TARGET_REPLAY_PER_S,
             "meets_target": None if fishim is None else fishim >= TARGET_REPLAY_PER_S}
 
 
@@ -1934,7 +1957,10 @@ def render_markdown(report: dict[str, Any]) -> str:
             if kind in r:
                 lines.append(f"| {kind} | {_fmt(r[kind]['events_per_s'], '/s')} | {_fmt(r[kind]['events'])} | "
                              f"{_fmt(r[kind]['first_page_ms'], ' ms', 1)} |")
-        lines += ["", f"fishim / Mosquitto: {_x(r['ratio_fishim_vs_mosquitto'])}.", ""]
+        engine = r.get("sync_engine_alone", {})
+        lines += ["", f"fishim / Mosquitto: {_x(r['ratio_fishim_vs_mosquitto'])}. The sync engine alone on the same "
+                  f"store (`SyncServer.handle`, no network): {_fmt(engine.get('events_per_s'), '/s')}; fishim "
+                  f"delivers {_x(r.get('ratio_fishim_vs_engine_alone'))} of that over MQTT.", ""]
     if "fanin" in res:
         f = res["fanin"]
         lines += [f"### 5. Fan-in: {f['riders']} riders x 1 location fix/s x {f['seconds']:g} s (QoS 1, retained), "
