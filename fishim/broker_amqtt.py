@@ -1,9 +1,9 @@
 """fishim's subclass of amqtt 0.12.1's ``Broker``: connections, sessions, auth, routing, retained.
 
-Kept from amqtt: the per-connection protocol handler (reader loop, PINGREQ, the inbound QoS-2 flow,
-SUBSCRIBE/UNSUBSCRIBE queues), ``_client_message_loop``, the subscription and retained tables,
-``Session`` objects, its ``Server`` bookkeeping and ``shutdown``. Replaced, each because of a flaw
-measured in DESIGN.md (docs/broker.md has the amqtt line references):
+Kept from amqtt: the per-connection protocol handler (reader loop, PINGREQ, the inbound QoS-2 flow),
+``_client_message_loop``, the subscription and retained tables, ``Session`` objects, its ``Server``
+bookkeeping and ``shutdown``. Replaced, each because of a flaw measured in DESIGN.md or found since
+(docs/broker.md has the amqtt line references):
 
 - connection setup (``_client_connected``, ``_initialize_client_session``, ``_handle_client_session``):
   authentication now happens before an existing session is touched, a persistent session is only
@@ -12,7 +12,10 @@ measured in DESIGN.md (docs/broker.md has the amqtt line references):
   ``Authenticator``/``Authorizer`` decide instead of awaited plugin calls;
 - routing (``_broadcast_message``/``_run_broadcast``): synchronous, min(publish, subscription) QoS,
   receive check per delivery, into each session's :class:`~fishim.broker_outbox.Outbox`;
-- retained delivery only on SUBSCRIBE, per filter, each message receive-checked.
+- retained delivery only on SUBSCRIBE, per filter, each message receive-checked; a client's retain
+  flag is honoured only on DESIGN.md's retained channels;
+- packet order: PUBLISH, SUBSCRIBE and UNSUBSCRIBE take effect in the order the client sent them
+  (:class:`FishimHandler`); connection end: one future per connection, so no loss goes unnoticed.
 """
 
 from __future__ import annotations
@@ -21,9 +24,9 @@ import asyncio
 import inspect
 import logging
 import ssl
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import websockets
 from amqtt.adapters import ReaderAdapter, StreamWriterAdapter, WebSocketsWriter, WriterAdapter
@@ -36,6 +39,8 @@ from amqtt.mqtt.disconnect import DisconnectPacket
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.mqtt.puback import PubackPacket
 from amqtt.mqtt.publish import PublishPacket
+from amqtt.mqtt.subscribe import SubscribePacket
+from amqtt.mqtt.unsubscribe import UnsubscribePacket
 from amqtt.session import Session
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
@@ -49,9 +54,11 @@ from fishim.broker_wire import (
     GuardedReader,
     connack,
     kv,
+    suback,
+    unsuback,
 )
 from fishim.config import Config, ListenerConfig, TlsConfig
-from fishim.topics import matches
+from fishim.topics import TopicError, matches, parse
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -74,12 +81,14 @@ class ListenerError(OSError):
 
 @dataclass
 class SessionState:
-    """What fishim keeps on an amqtt ``Session`` (in ``session.attributes[STATE_KEY]``)."""
+    """What fishim keeps on an amqtt ``Session`` (in ``session.attributes[STATE_KEY]``).
+
+    Only what outlives a connection: per-connection state lives on the :class:`FishimHandler`, so a
+    connection that was taken over cannot reach the one that replaced it.
+    """
 
     principal: Principal
     outbox: Outbox
-    guard: GuardedReader | None = None
-    closed: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 def state_of(session: Session) -> SessionState:
@@ -87,15 +96,25 @@ def state_of(session: Session) -> SessionState:
 
 
 class FishimHandler(BrokerProtocolHandler):
-    """amqtt's broker-side protocol handler, with QoS 0/1 PUBLISH and PUBACK short-circuited.
+    """amqtt's broker-side protocol handler (one per connection), applying packets as they are read.
 
-    amqtt puts every inbound PUBLISH on ``delivered_message_queue`` for the client loop, which wakes
-    per message through ``asyncio.wait`` on four futures; here it is routed as soon as it is read.
-    PUBACK goes to the session's outbox instead of amqtt's per-message waiters.
+    amqtt's reader loop starts one task per packet, and tasks start in creation order, so what a
+    ``handle_*`` method does before its first ``await`` happens in the order the client sent the
+    packets. QoS 0/1 PUBLISH, SUBSCRIBE, UNSUBSCRIBE and PUBACK are applied there, synchronously, as
+    MQTT requires [MQTT-4.6.0]. amqtt instead queued them for ``_client_message_loop``: SUBSCRIBE and
+    UNSUBSCRIBE on separate queues with separate waiters, so an UNSUBSCRIBE+SUBSCRIBE pair read
+    together was applied in reverse about half the time (the client ended up unsubscribed), and a
+    PUBLISH overtook a SUBSCRIBE sent before it. Inbound QoS 2 still goes through amqtt's flow and is
+    routed on PUBREL.
     """
 
-    core: FishimBroker
     graceful = False
+
+    def __init__(self, core: FishimBroker, guard: GuardedReader) -> None:
+        super().__init__(core.plugins_manager, loop=core._loop)
+        self.core = core
+        self.guard = guard
+        self.ended: asyncio.Future[DisconnectPacket | None] = asyncio.get_running_loop().create_future()
 
     async def handle_publish(self, publish_packet: PublishPacket) -> None:
         qos = publish_packet.qos or 0
@@ -118,6 +137,47 @@ class FishimHandler(BrokerProtocolHandler):
     async def handle_puback(self, puback: PubackPacket) -> None:
         if self.session is not None and puback.variable_header is not None:
             state_of(self.session).outbox.ack(puback.variable_header.packet_id)
+
+    async def handle_subscribe(self, subscribe: SubscribePacket) -> None:
+        """Record the filters, queue SUBACK, then the granted filters' retained messages: one step.
+
+        All through the session's outbox, SUBACK first, and nothing routed after this SUBSCRIBE
+        overtakes its retained messages (a stale status arriving after a fresh one).
+        """
+        session, header, payload = self.session, subscribe.variable_header, subscribe.payload
+        if session is None or header is None or payload is None:
+            return
+        codes = [self.core.subscribe(session, topic_filter, qos) for topic_filter, qos in payload.topics]
+        state_of(session).outbox.put_packet(self, suback(header.packet_id, codes))
+        for (topic_filter, _), code in zip(payload.topics, codes, strict=True):
+            if code != _SUBSCRIBE_REFUSED:
+                self.core.queue_retained(session, topic_filter, code)
+
+    async def handle_unsubscribe(self, unsubscribe: UnsubscribePacket) -> None:
+        session, header, payload = self.session, unsubscribe.variable_header, unsubscribe.payload
+        if session is None or header is None or payload is None:
+            return
+        for topic_filter in payload.topics:
+            self.core.unsubscribe(session, topic_filter)
+        state_of(session).outbox.put_packet(self, unsuback(header.packet_id))
+
+    async def handle_disconnect(self, disconnect: DisconnectPacket | None) -> None:
+        """DISCONNECT, EOF, a failed write or ``stop()``: end the client loop; the first cause counts.
+
+        amqtt's disconnect waiter only exists from the end of ``start()`` and is dropped once used,
+        so a link lost between CONNACK and ``start()`` (a phone reconnecting on a dying network)
+        resolved nothing: the session stayed "connected" forever, with no will, a takeover that
+        timed out, and an outbox pump writing into a closed socket.
+        """
+        if not self.ended.done():
+            self.ended.set_result(disconnect)
+
+    async def wait_disconnect(self) -> DisconnectPacket | None:
+        return await asyncio.shield(self.ended)
+
+    async def stop(self) -> None:
+        await super().stop()
+        await self.handle_disconnect(None)  # broker shutdown stops handlers directly
 
     async def send_raw(self, data: bytes) -> None:
         """Write an already-encoded packet; a broken link ends the connection instead of raising."""
@@ -267,8 +327,7 @@ class FishimBroker(Broker):
             await _refuse(writer, SERVER_UNAVAILABLE if reason == "authenticator_error" else NOT_AUTHORIZED)
             return None
         session, present = await self._claim_session(request, principal, guard)
-        handler = FishimHandler(self.plugins_manager, loop=self._loop)
-        handler.core = self
+        handler = FishimHandler(self, guard)
         handler.attach(session, guard, writer)
         session.transitions.connect()
         self._sessions[request.client_id] = (session, handler)  # no await since _claim_session: no race
@@ -280,9 +339,9 @@ class FishimBroker(Broker):
                                     user=principal.username, role=principal.role,
                                     clean=int(request.clean_session), session_present=int(present),
                                     keepalive=request.keepalive))
-        await handler.start()
-        state = state_of(session)
-        state.outbox.attach(handler, partial(self.authorizer.may_receive, principal), guard.abort)
+        if self._is_current(session, handler):  # not if taken over meanwhile: the outbox is no longer ours
+            state_of(session).outbox.attach(handler, partial(self.authorizer.may_receive, principal), guard.abort)
+        await handler.start()  # the reader: from here on SUBSCRIBEs queue their SUBACK in the outbox
         return session, handler
 
     async def _login(self, request: ConnectRequest, peer: str,
@@ -309,7 +368,7 @@ class FishimBroker(Broker):
         """
         client_id = request.client_id
         while (current := self._sessions.get(client_id)) and current[0].transitions.is_connected():
-            await self._evict(current[0])
+            await self._evict(current[0], cast(FishimHandler, current[1]))  # fishim registers no other kind
         old = current[0] if current else None
         if old is not None and not request.clean_session and state_of(old).principal == principal:
             session, present = old, True
@@ -321,8 +380,6 @@ class FishimBroker(Broker):
             broker = self.fishim_config.broker
             session.attributes[STATE_KEY] = SessionState(principal, Outbox(
                 client_id, self.limits.max_queued, broker.max_inflight, broker.retry_interval))
-        state = state_of(session)
-        state.guard, state.closed = guard, asyncio.Event()
         session.clean_session = request.clean_session
         session.will_flag = request.will_topic is not None
         session.will_topic, session.will_message = request.will_topic, request.will_message
@@ -333,16 +390,22 @@ class FishimBroker(Broker):
         session.remote_port = int(port) if port.isdigit() else 0
         return session, present
 
-    async def _evict(self, session: Session) -> None:
-        """Close the connection currently holding ``session`` and wait for its teardown [MQTT-3.1.4-2]."""
-        state = state_of(session)
+    async def _evict(self, session: Session, handler: FishimHandler) -> None:
+        """Close the connection ``handler`` holding ``session`` and wait for its teardown [MQTT-3.1.4-2].
+
+        If the teardown hangs (or failed half-way), take the session from it anyway: stop its outbox
+        pump, which would otherwise keep taking the session's messages, and mark the session
+        disconnected. Whatever the old connection does when it finally finishes is confined to its
+        own handler and guard (see :meth:`_handle_disconnect`, :meth:`Outbox.detach`).
+        """
         log.info("session_takeover %s", kv(client_id=session.client_id))
-        if state.guard is not None:
-            state.guard.abort("taken_over")
+        handler.guard.abort("taken_over")
         try:
-            await asyncio.wait_for(state.closed.wait(), _TEARDOWN_TIMEOUT)
+            await asyncio.wait_for(handler.guard.finished.wait(), _TEARDOWN_TIMEOUT)
         except TimeoutError:
             log.warning("takeover_timeout %s", kv(client_id=session.client_id))
+        if self._is_current(session, handler) and session.transitions.is_connected():
+            await state_of(session).outbox.detach(handler)
             session.transitions.disconnect()
 
     async def _run(self, session: Session, handler: FishimHandler) -> None:
@@ -355,30 +418,34 @@ class FishimBroker(Broker):
 
     async def _handle_disconnect(self, client_session: Session, handler: BrokerProtocolHandler,
                                  disconnect_waiter: asyncio.Future[Any]) -> None:
-        """amqtt hook: stop writing first; publish the will only if this connection still owns the id."""
+        """amqtt hook: stop writing, publish the will (abnormal end), stop the handler, mark disconnected.
+
+        Will and state change only while this connection still owns the client id, checked again
+        after stopping the handler: a connection taken over (or removed by shutdown) meanwhile must
+        not mark its successor's session disconnected, as amqtt's version did.
+        """
+        graceful = isinstance(disconnect_waiter.result(), DisconnectPacket)
         if isinstance(handler, FishimHandler):
-            handler.graceful = isinstance(disconnect_waiter.result(), DisconnectPacket)
-        await state_of(client_session).outbox.detach()
+            handler.graceful = graceful
+        await state_of(client_session).outbox.detach(handler)
+        if not graceful and client_session.will_flag and self._is_current(client_session, handler):
+            self._publish_will(client_session)
+        await self._stop_handler(handler)
         if self._is_current(client_session, handler):
-            await super()._handle_disconnect(client_session, handler, disconnect_waiter)
-        else:  # removed by shutdown: no will, no state change
-            await self._stop_handler(handler)
+            client_session.transitions.disconnect()
 
     async def _end_connection(self, session: Session, handler: FishimHandler) -> None:
         """After the client loop: make sure amqtt's disconnect ran, drop clean sessions, log once."""
-        state = state_of(session)
         if session.transitions.is_connected() and self._is_current(session, handler):
             gone: asyncio.Future[Any] = self._loop.create_future()
             gone.set_result(None)
             await self._handle_disconnect(session, handler, gone)  # abnormal end: will is published
-        await state.outbox.detach()
+        await state_of(session).outbox.detach(handler)
         await self._stop_handler(handler)
         if session.clean_session and self._is_current(session, handler):
             self._discard(session)
-        reason = (state.guard.close_reason if state.guard else None) or (
-            "disconnect" if handler.graceful else "connection_lost")
+        reason = handler.guard.close_reason or ("disconnect" if handler.graceful else "connection_lost")
         log.info("disconnected %s", kv(client_id=session.client_id, reason=reason))
-        state.closed.set()
 
     def _is_current(self, session: Session, handler: BrokerProtocolHandler) -> bool:
         return self._sessions.get(session.client_id or "", (None, None))[1] is handler
@@ -406,8 +473,33 @@ class FishimBroker(Broker):
         if self._observe is not None and principal.role == "service":
             self._observe(topic, payload)
         self.route(topic, payload, qos)
-        if retain:
+        if retain and self._retainable(topic):
             self.store_retained(topic, payload, qos)
+
+    def _publish_will(self, session: Session) -> None:
+        """The will of a connection that ended without DISCONNECT (topic authorised at CONNECT)."""
+        topic, message = session.will_topic, session.will_message
+        if topic is None or message is None:
+            return
+        payload, qos = bytes(message), session.will_qos or 0
+        self.route(topic, payload, qos)
+        if session.will_retain and self._retainable(topic):
+            self.store_retained(topic, payload, qos)
+
+    def _retainable(self, topic: str) -> bool:
+        """May a client's retain flag keep ``topic``? Only DESIGN.md's retained channels
+        (status, location, receipts): a retained chat or picks message would be replayed to every
+        later subscriber as if it were current state. Such a publish is still delivered live.
+        ``may_publish`` has no retain argument, so the broker decides; MQTT 3.1.1 has no way to say
+        "not retained" to the client, so it is logged at DEBUG only.
+        """
+        try:
+            if parse(topic, self.fishim_config.prefix).retained:
+                return True
+        except TopicError:
+            pass
+        log.debug("retain_ignored %s", kv(topic=topic))
+        return False
 
     def route(self, topic: str, payload: bytes, qos: int) -> int:
         """Queue ``payload`` for every session that subscribed to ``topic`` and may read it.
@@ -474,13 +566,13 @@ class FishimBroker(Broker):
 
     async def _broadcast_message(self, session: Session | None, topic: str | None,
                                  data: bytes | bytearray | None, force_qos: int | None = None) -> None:
-        """amqtt hook (wills, BrokerContext): route now instead of via the broadcast queue and tasks."""
+        """amqtt hook (BrokerContext): route now instead of via the broadcast queue and tasks."""
         if topic is not None and data is not None:
             self.route(topic, bytes(data), QOS_1 if force_qos is None else force_qos)
 
     async def retain_message(self, source_session: Session | None, topic_name: str | None,
                              data: bytes | bytearray | None, qos: int | None = None) -> None:
-        """amqtt hook (retained wills): same store, without a plugin event."""
+        """amqtt hook (BrokerContext): same store, without a plugin event."""
         if topic_name is not None:
             self.store_retained(topic_name, bytes(data or b""), qos or 0)
 
@@ -501,24 +593,13 @@ class FishimBroker(Broker):
                  Action.RECEIVE: self.authorizer.may_receive}[action]
         return check(state.principal, topic)
 
-    # -- subscriptions -----------------------------------------------------------------------
+    # -- subscriptions (applied by FishimHandler, in packet order) ------------------------------
 
-    async def _handle_subscription(self, client_session: Session, handler: BrokerProtocolHandler,
-                                   subscribe_waiter: asyncio.Future[Any]) -> None:
-        """SUBACK, then the retained messages of each granted filter (and only those)."""
-        request = subscribe_waiter.result()
-        codes = [await self.add_subscription(sub, client_session) for sub in request.topics]
-        await handler.mqtt_acknowledge_subscription(request.packet_id, codes)
-        for (topic_filter, _), code in zip(request.topics, codes, strict=True):
-            if code != _SUBSCRIBE_REFUSED:
-                self._queue_retained(client_session, topic_filter, code)
-
-    async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
+    def subscribe(self, session: Session, topic_filter: str, qos: int) -> int:
         """Authorise and record one filter; QoS granted is at most 1 (fishim never sends QoS 2).
 
         A repeated filter replaces the old subscription's QoS [MQTT-3.8.4-3] (amqtt kept the old one).
         """
-        topic_filter, qos = subscription
         state: SessionState | None = session.attributes.get(STATE_KEY)
         if state is None or not _valid_filter(topic_filter) or not self.authorizer.may_subscribe(
                 state.principal, topic_filter):
@@ -535,14 +616,30 @@ class FishimBroker(Broker):
         log.debug("subscribed %s", kv(client_id=session.client_id, topic_filter=topic_filter, qos=granted))
         return granted
 
-    def _queue_retained(self, session: Session, topic_filter: str, granted: int) -> None:
+    async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
+        """amqtt hook (``BrokerContext.add_subscription``): same as :meth:`subscribe`."""
+        return self.subscribe(session, *subscription)
+
+    def unsubscribe(self, session: Session, topic_filter: str) -> None:
+        """Drop ``session``'s subscription to exactly ``topic_filter``, if it has one."""
+        entries = self._subscriptions.get(topic_filter)
+        if entries is None:
+            return
+        entries[:] = [(s, q) for s, q in entries if s.client_id != session.client_id]
+        if not entries:
+            del self._subscriptions[topic_filter]
+            self._match_cache.clear()
+        log.debug("unsubscribed %s", kv(client_id=session.client_id, topic_filter=topic_filter))
+
+    def queue_retained(self, session: Session, topic_filter: str, granted: int) -> None:
         """Retained messages for one new subscription, each passing the receive check."""
         state = state_of(session)
         may_receive = self.authorizer.may_receive
         for topic, message in self._retained_messages.items():
             if matches(topic, topic_filter) and may_receive(state.principal, topic):
                 qos = min(message.qos or 0, granted)
-                state.outbox.put(Delivery(topic, topic.encode("utf-8"), bytes(message.data), qos, True, False))
+                state.outbox.put(Delivery(topic, topic.encode("utf-8"), bytes(message.data), qos, True,
+                                          not state.outbox.connected))
 
     def _drop_subscriptions(self, session: Session) -> None:
         for topic_filter in list(self._subscriptions):

@@ -8,13 +8,18 @@ keeps nothing for anonymous sessions. Here each session owns one :class:`Outbox`
 - ``pending``: messages not sent yet, FIFO, bounded by ``limits.max_queued``. When full, new messages
   are dropped (as Mosquitto's ``max_queued_messages`` does) and the drop is logged: a WARNING on the
   first drop and one with the total when the queue next empties or the session ends.
+- ``control``: SUBACK and UNSUBACK, written by the same pump ahead of everything else (not behind a
+  backlog or a full in-flight window, as Mosquitto does). So a SUBSCRIBE's SUBACK comes first, and its
+  retained messages, queued in the same step, come before anything published after it.
 - ``inflight``: QoS-1 messages sent but not PUBACKed, keyed by packet id, at most
   ``broker.max_inflight``. They survive a disconnect and are sent again, first, with DUP=1 and the
   same packet id when a persistent session reconnects (MQTT 3.1.1 §4.4), and again to a connected
   client that has not acknowledged them within ``broker.retry_interval`` seconds.
 
 While the session is connected one pump task writes batches of packets under the handler's write
-lock (amqtt's WebSocket writer loses bytes written during another writer's drain).
+lock (amqtt's WebSocket writer loses bytes written during another writer's drain). The outbox belongs
+to one connection at a time: only the connection it is attached to can detach it, so the late
+teardown of a connection that was taken over cannot stop the pump of the one that replaced it.
 """
 
 from __future__ import annotations
@@ -54,11 +59,13 @@ class Outbox:
         self.max_inflight = max_inflight
         self.retry_interval = retry_interval
         self.pending: deque[Delivery] = deque()
+        self.control: list[bytes] = []
         self.inflight: dict[int, Delivery] = {}
         self.dropped = 0
         self._packet_id = 0
         self._wake = asyncio.Event()
         self._pump_task: asyncio.Task[None] | None = None
+        self._handler: BrokerProtocolHandler | None = None
         self._resend = False
 
     @property
@@ -78,6 +85,15 @@ class Outbox:
         self.pending.append(delivery)
         self._wake.set()
 
+    def put_packet(self, handler: BrokerProtocolHandler, packet: bytes) -> None:
+        """Queue an encoded SUBACK/UNSUBACK for the connection ``handler`` (see ``control``).
+
+        Dropped if ``handler`` does not own the outbox (its connection was taken over or is gone).
+        """
+        if handler is self._handler:
+            self.control.append(packet)
+            self._wake.set()
+
     def ack(self, packet_id: int) -> None:
         """PUBACK from the client: the message is delivered; the window has room again."""
         if self.inflight.pop(packet_id, None) is not None and self.pending:
@@ -91,17 +107,26 @@ class Outbox:
         ``allowed(topic)`` is the receive check for messages queued while offline; ``abort(reason)``
         drops the connection when a write fails.
         """
+        if self._pump_task is not None:  # never two pumps taking from one queue
+            self._pump_task.cancel()
+        self._handler = handler
         self._resend = bool(self.inflight)
         self._wake.set()
         self._pump_task = asyncio.create_task(self._pump(handler, allowed, abort), name=f"outbox-{self.client_id}")
 
-    async def detach(self) -> None:
-        """The connection is gone: stop writing, keep ``pending`` and ``inflight`` for the next one."""
-        task, self._pump_task = self._pump_task, None
+    async def detach(self, handler: BrokerProtocolHandler) -> None:
+        """The connection through ``handler`` is gone: stop writing, keep ``pending`` and ``inflight``.
+
+        Does nothing if the outbox is attached to another connection (see module docstring).
+        """
+        if handler is not self._handler:
+            return
+        task, self._pump_task, self._handler = self._pump_task, None, None
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-        # QoS 0 is never kept offline; what stays is authorised again when it is finally sent
+        # QoS 0 and acks are never kept offline; what stays is authorised again when it is finally sent
+        self.control.clear()
         self.pending = deque(d._replace(recheck=True) for d in self.pending if d.qos)
 
     def discard(self) -> None:
@@ -123,7 +148,7 @@ class Outbox:
         """Write whatever may be sent; sleep until a put, an ack or the retry interval."""
         try:
             while True:
-                data = self._take_resends() + self._take_batch(allowed)
+                data = self._take_control() + self._take_resends() + self._take_batch(allowed)
                 if data:
                     await self._write(handler, data)
                     continue
@@ -142,6 +167,12 @@ class Outbox:
         except Exception as exc:  # the connection broke under us: end it, keep the messages
             log.debug("outbox_write_failed %s", kv(client_id=self.client_id, error=repr(exc)))
             abort("write_failed")
+
+    def _take_control(self) -> bytes:
+        if not self.control:
+            return b""
+        data, self.control = b"".join(self.control), []
+        return data
 
     def _take_resends(self) -> bytes:
         """Every unacknowledged QoS-1 message again, DUP=1, same packet id [MQTT-4.4.0-1]."""

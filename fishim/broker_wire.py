@@ -270,6 +270,8 @@ class GuardedReader(ReaderAdapter):
         self.client_id: str | None = None
         self.close_reason: str | None = None
         self.on_oversize: Callable[[str, int], None] | None = None
+        self.finished = asyncio.Event()
+        """Set by :meth:`close`: the broker is done with this connection (a takeover waits for it)."""
 
     # -- amqtt's side ------------------------------------------------------------------------
 
@@ -323,9 +325,10 @@ class GuardedReader(ReaderAdapter):
         self._abort()
 
     def close(self) -> None:
-        """Stop the watchdog; the connection is over."""
+        """Stop the watchdog; the connection is over and torn down."""
         self._eof = True
         self.watch(None)
+        self.finished.set()
 
     def _check_idle(self) -> None:
         self._timer = None
@@ -472,6 +475,26 @@ class GuardedReader(ReaderAdapter):
 def connack(session_present: bool, return_code: int) -> bytes:
     """A CONNACK packet (MQTT 3.1.1 §3.2)."""
     return bytes((0x20, 0x02, 1 if session_present and return_code == 0 else 0, return_code))
+
+
+def suback(packet_id: int, return_codes: list[int]) -> bytes:
+    """A SUBACK (MQTT 3.1.1 §3.9): one return code per filter, in the SUBSCRIBE's order."""
+    body = packet_id.to_bytes(2, "big") + bytes(return_codes)
+    return b"".join((bytes((0x90,)), _remaining_length(len(body)), body))
+
+
+def unsuback(packet_id: int) -> bytes:
+    """An UNSUBACK (MQTT 3.1.1 §3.11)."""
+    return b"\xb0\x02" + packet_id.to_bytes(2, "big")
+
+
+def _remaining_length(length: int) -> bytes:
+    encoded = bytearray()
+    while True:
+        byte, length = length & 0x7F, length >> 7
+        encoded.append(byte | 0x80 if length else byte)
+        if not length:
+            return bytes(encoded)
 
 
 def encode_publish(topic: bytes, payload: bytes, qos: int, retain: bool, packet_id: int, dup: bool) -> bytes:

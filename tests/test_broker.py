@@ -7,6 +7,7 @@ messages arrive in order, so a leak would show up before the marker.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import os
@@ -22,10 +23,12 @@ from amqtt.broker import Broker
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.mqtt.protocol.handler import ProtocolHandler
 
+from fishim import broker_amqtt
 from fishim.auth import Principal
 from fishim.broker import AllowAll, EmbeddedBroker, LoopbackAnonymous
-from fishim.broker_amqtt import FishimBroker, state_of
+from fishim.broker_amqtt import FishimBroker, FishimHandler, state_of
 from fishim.config import ListenerConfig
+from fishim.testing.proxy import Proxy
 
 A1, B2, C3 = "fishim/orders/A1", "fishim/orders/B2", "fishim/orders/C3"
 
@@ -178,6 +181,100 @@ def test_same_client_id_takes_over_and_resumes_the_session(embedded_broker, paho
     assert new.get().payload == b"to the new connection"
 
 
+@pytest.mark.parametrize("half_open", [False, True], ids=["stalled", "half-open"])
+def test_takeover_of_a_silent_connection_resumes_delivery(embedded_broker, paho, raw_mqtt, half_open):
+    """The old link still looks open to the broker (a proxy stopped forwarding; with half_open the
+    phone's side is gone too): the same client id connecting again takes the session over."""
+    port = embedded_broker.port
+    with Proxy("127.0.0.1", port) as proxy:
+        old = raw_mqtt(proxy.port)
+        assert old.connect("phone-6", clean=False) == (False, 0)
+        assert old.subscribe(f"{A1}/#") == 1
+        proxy.stall()
+        if half_open:
+            old.abort()  # the stalled proxy never passes the RST on
+        new = paho(port, "phone-6", clean_session=False)
+        assert new.session_present
+        paho(port, "staff").publish(f"{A1}/status", b"after takeover", qos=1)
+        received = new.get()
+        assert (received.payload, received.qos) == (b"after takeover", 1)
+
+
+def test_takeover_with_a_qos1_delivery_in_flight_resends_it_to_the_new_connection(embedded_broker, paho, raw_mqtt):
+    port = embedded_broker.port
+    staff = paho(port, "staff")
+    with Proxy("127.0.0.1", port) as proxy:
+        old = raw_mqtt(proxy.port)
+        assert old.connect("scanner-9", clean=False) == (False, 0)
+        assert old.subscribe(f"{C3}/#") == 1
+        staff.publish(f"{C3}/picks", b"in flight")
+        first = old.read()
+        assert first is not None and first.publish[2] == b"in flight"  # never PUBACKed
+        proxy.stall()
+        new = raw_mqtt(port)
+        assert new.connect("scanner-9", clean=False) == (True, 0)
+        again = new.read()
+        assert again is not None and again.dup and again.publish == first.publish
+        new.puback(again.publish[1])
+        staff.publish(f"{C3}/picks", b"next")
+        following = new.read()
+        assert following is not None and following.publish[2] == b"next" and not following.dup
+
+
+def test_connection_lost_right_after_connect_is_noticed(embedded_broker, paho, raw_mqtt, wire, caplog):
+    """A link that dies while the broker is still answering CONNECT (a phone reconnecting through a
+    dying network) ends like any other: will published, session free for the next connection."""
+    caplog.set_level(logging.INFO, logger="fishim.broker")
+    port = embedded_broker.port
+    witness = paho(port, "witness")
+    witness.subscribe(f"{B2}/status")
+    for attempt in range(5):  # a few times: the RST has to beat the CONNACK, which it usually does
+        doomed = raw_mqtt(port)
+        doomed.send(wire.connect("phone-7", clean=False, will=(f"{B2}/status", f"gone {attempt}".encode()))
+                    + wire.subscribe(f"{A1}/#"))
+        doomed.abort()  # RST right behind the CONNECT
+        assert witness.get().payload == f"gone {attempt}".encode()
+    new = paho(port, "phone-7", clean_session=False)
+    assert new.session_present
+    new.subscribe(f"{A1}/#")
+    paho(port, "staff").publish(f"{A1}/status", b"delivered")
+    assert new.get().payload == b"delivered"
+    assert "takeover_timeout" not in caplog.text
+
+
+def test_takeover_timeout_still_hands_the_session_over_cleanly(embedded_broker, paho, raw_mqtt, monkeypatch,
+                                                               caplog):
+    """An old connection whose teardown hangs is given up on after the takeover timeout; when it
+    finally finishes, it must not detach, disconnect or otherwise touch the new connection's session."""
+    caplog.set_level(logging.INFO, logger="fishim.broker")
+    monkeypatch.setattr(broker_amqtt, "_TEARDOWN_TIMEOUT", 0.2)
+    port, core = embedded_broker.port, embedded_broker.broker.core
+    staff = paho(port, "staff")
+    old = raw_mqtt(port)
+    assert old.connect("phone-8", clean=False) == (False, 0)
+    assert old.subscribe(f"{A1}/#") == 1
+    hung = embedded_broker.run(lambda: core.sessions["phone-8"][1])
+    release = asyncio.Event()
+    original_stop = FishimHandler.stop
+
+    async def stop(self: FishimHandler) -> None:
+        if self is hung:
+            await release.wait()
+        await original_stop(self)
+
+    monkeypatch.setattr(FishimHandler, "stop", stop)
+    new = paho(port, "phone-8", clean_session=False)
+    assert new.session_present and "takeover_timeout" in caplog.text
+    staff.publish(f"{A1}/status", b"one")
+    assert new.get().payload == b"one"
+    embedded_broker.run(release.set)
+    embedded_broker.wait_until(lambda: len(core._connections) == 2)  # the old connection has finished
+    staff.publish(f"{A1}/status", b"two")
+    assert new.get().payload == b"two"
+    assert embedded_broker.run(lambda: core.sessions["phone-8"][0].transitions.is_connected())
+    assert embedded_broker.run(embedded_broker.broker.sessions_connected) == 2
+
+
 def test_refused_connect_does_not_touch_the_session_it_names(embedded_broker_factory, paho):
     broker = acl_broker(embedded_broker_factory, {"rider": {"A1"}})
     rider = login(paho, broker.port, "rider", "rider-phone", clean_session=False)
@@ -241,6 +338,97 @@ def test_delivery_qos_is_the_minimum_of_publish_and_subscription(embedded_broker
     staff.publish(f"{A1}/location", b"q1", qos=1)
     assert [(m.payload, m.qos) for m in (low.get(), low.get())] == [(b"q0", 0), (b"q1", 0)]
     assert [(m.payload, m.qos) for m in (high.get(), high.get())] == [(b"q0", 0), (b"q1", 1)]
+
+
+# -- 4b. one client's packets take effect in the order they were sent ------------------------------
+
+
+def test_unsubscribe_then_subscribe_back_to_back_stays_subscribed(embedded_broker, paho):
+    port = embedded_broker.port
+    phone = paho(port, "phone-9")
+    assert phone.subscribe(f"{A1}/#") == 1
+    staff = paho(port, "staff")
+    for n in range(20):
+        phone.client.unsubscribe(f"{A1}/#")  # no wait for UNSUBACK, as an app re-subscribing does
+        assert phone.subscribe(f"{A1}/#") == 1
+        staff.publish(f"{A1}/status", f"m{n}".encode())
+        assert phone.get().payload == f"m{n}".encode(), f"round {n}"
+
+
+def test_subscribe_unsubscribe_and_publish_apply_in_arrival_order(embedded_broker, raw_mqtt, wire):
+    """Packets sent in one burst (one TCP segment) are applied one after another [MQTT-4.6.0]."""
+    topic, marker = f"{A1}/chat/x", f"{B2}/status"
+
+    def unsubscribe(packet_id: int) -> bytes:
+        return wire.packet(0xA2, packet_id.to_bytes(2, "big") + wire.string(topic))
+
+    client = raw_mqtt(embedded_broker.port)
+    assert client.connect("ordered") == (False, 0)
+    client.send(wire.subscribe(topic, 1, 1) + wire.publish(topic, b"one", qos=1, packet_id=2)
+                + unsubscribe(3) + wire.subscribe(topic, 1, 4) + wire.publish(topic, b"two", qos=1, packet_id=5)
+                + unsubscribe(6) + wire.publish(topic, b"three", qos=1, packet_id=7)
+                + wire.subscribe(marker, 1, 8) + wire.publish(marker, b"marker", qos=1, packet_id=9))
+    acks, received = [], []
+    while len(acks) < 9 or not received or received[-1] != b"marker":
+        packet = client.read()
+        assert packet is not None, (acks, received)
+        if packet.type == 3:
+            received.append(packet.publish[2])
+            client.puback(packet.publish[1])
+        else:
+            acks.append((packet.type, int.from_bytes(packet.body[:2], "big")))
+    assert received == [b"one", b"two", b"marker"]
+    # PUBACKs are written by the reader, SUBACK/UNSUBACK by the session's outbox: each in order
+    assert [ack for ack in acks if ack[0] == 4] == [(4, 2), (4, 5), (4, 7), (4, 9)]
+    assert [ack for ack in acks if ack[0] != 4] == [(9, 1), (11, 3), (9, 4), (11, 6), (9, 8)]
+
+
+def test_retained_messages_of_a_subscribe_come_before_anything_published_after_it(embedded_broker, paho,
+                                                                                  raw_mqtt, wire):
+    """SUBACK, then the retained state, then newer messages: never a stale status after a fresh one."""
+    paho(embedded_broker.port, "staff").publish(f"{A1}/status", b"old", retain=True)
+    client = raw_mqtt(embedded_broker.port)
+    assert client.connect("fresh") == (False, 0)
+    client.send(wire.subscribe(f"{A1}/status", 1, 1) + wire.publish(f"{A1}/status", b"new", qos=0))
+    packets = [client.read() for _ in range(3)]
+    assert all(p is not None for p in packets)
+    assert [(p.type, p.flags & 1) for p in packets] == [(9, 0), (3, 1), (3, 0)]
+    assert [p.publish[2] for p in packets[1:]] == [b"old", b"new"]
+
+
+def test_suback_is_not_held_behind_a_full_in_flight_window(embedded_broker_factory, paho, raw_mqtt):
+    broker = embedded_broker_factory(broker={"max_inflight": 1})
+    client = raw_mqtt(broker.port)
+    assert client.connect("slow-acker") == (False, 0)
+    assert client.subscribe(f"{A1}/#") == 1
+    staff = paho(broker.port, "staff")
+    staff.publish(f"{A1}/chat/staff", b"one")
+    staff.publish(f"{A1}/chat/staff", b"two")
+    first = client.read()
+    assert first is not None and first.publish[2] == b"one"  # not acknowledged: "two" has to wait
+    assert client.subscribe(f"{B2}/#", packet_id=2) == 1  # the next packet is the SUBACK
+    client.puback(first.publish[1])
+    second = client.read()
+    assert second is not None and second.publish[2] == b"two"
+
+
+def test_retain_flag_honoured_only_on_retained_channels(embedded_broker, paho):
+    """DESIGN.md: status, location and receipts are retained; a client setting retain on chat or
+    picks gets them delivered live but not kept for later subscribers."""
+    port = embedded_broker.port
+    live = paho(port, "live")
+    live.subscribe(f"{A1}/#")
+    staff = paho(port, "staff")
+    for leaf in ("chat/staff", "picks", "status", "location", "receipts/staff"):
+        staff.publish(f"{A1}/{leaf}", leaf.encode(), retain=True)
+    assert [m.payload for m in live.until(f"{A1}/receipts/staff")] == [
+        b"chat/staff", b"picks", b"status", b"location", b"receipts/staff"]
+    late = paho(port, "late")
+    late.subscribe(f"{A1}/#")
+    late.subscribe(f"{B2}/chat/+")
+    staff.publish(f"{B2}/chat/staff", b"marker")
+    retained = {m.payload for m in late.until(f"{B2}/chat/staff")}
+    assert retained == {b"status", b"location", b"receipts/staff", b"marker"}
 
 
 # -- 9. authentication and authorisation hooks ---------------------------------------------------
@@ -436,9 +624,6 @@ AMQTT_INTERNALS = {
     (Broker, "_handle_disconnect"): "(self, client_session: amqtt.session.Session, handler: "
                                     "amqtt.mqtt.protocol.broker_handler.BrokerProtocolHandler, "
                                     "disconnect_waiter: _asyncio.Future[typing.Any]) -> None",
-    (Broker, "_handle_subscription"): "(self, client_session: amqtt.session.Session, handler: "
-                                      "amqtt.mqtt.protocol.broker_handler.BrokerProtocolHandler, "
-                                      "subscribe_waiter: _asyncio.Future[typing.Any]) -> None",
     (Broker, "_handle_message_delivery"): "(self, client_session: amqtt.session.Session, handler: "
                                           "amqtt.mqtt.protocol.broker_handler.BrokerProtocolHandler, "
                                           "wait_deliver: _asyncio.Future[typing.Any]) -> bool",
@@ -457,6 +642,16 @@ AMQTT_INTERNALS = {
     (ProtocolHandler, "attach"): "(self, session: amqtt.session.Session, reader: amqtt.adapters.ReaderAdapter, "
                                  "writer: amqtt.adapters.WriterAdapter) -> None",
     (BrokerProtocolHandler, "handle_connection_closed"): "(self) -> None",
+    (BrokerProtocolHandler, "__init__"): "(self, plugins_manager: amqtt.plugins.manager.PluginManager"
+                                         "[ForwardRef('BrokerContext')], session: amqtt.session.Session | None = "
+                                         "None, loop: asyncio.events.AbstractEventLoop | None = None) -> None",
+    (BrokerProtocolHandler, "handle_subscribe"): "(self, subscribe: amqtt.mqtt.subscribe.SubscribePacket) -> None",
+    (BrokerProtocolHandler, "handle_unsubscribe"): "(self, unsubscribe: amqtt.mqtt.unsubscribe.UnsubscribePacket)"
+                                                   " -> None",
+    (BrokerProtocolHandler, "handle_disconnect"): "(self, disconnect: amqtt.mqtt.disconnect.DisconnectPacket | None)"
+                                                  " -> None",
+    (BrokerProtocolHandler, "wait_disconnect"): "(self) -> amqtt.mqtt.disconnect.DisconnectPacket | None",
+    (BrokerProtocolHandler, "stop"): "(self) -> None",
     (BrokerProtocolHandler, "mqtt_acknowledge_subscription"): "(self, packet_id: int, return_codes: list[int]) -> None",
 }
 
@@ -470,5 +665,9 @@ def test_amqtt_is_the_pinned_version_with_the_internals_fishim_patches():
     for attribute in ("self._sessions", "self._subscriptions", "self._retained_messages", "self._servers"):
         assert attribute in broker_init
     assert "self._write_lock" in inspect.getsource(ProtocolHandler.__init__)
-    assert "self.session.keep_alive" in inspect.getsource(ProtocolHandler._reader_loop)
+    reader_loop = inspect.getsource(ProtocolHandler._reader_loop)
+    assert "self.session.keep_alive" in reader_loop
+    # FishimHandler's packet order relies on one task per packet, created in the order read
+    for method in ("handle_publish", "handle_subscribe", "handle_unsubscribe", "handle_puback"):
+        assert f"asyncio.create_task(self.{method}(packet))" in reader_loop
     assert issubclass(FishimBroker, Broker) and EmbeddedBroker.__init__ is not None
