@@ -671,3 +671,31 @@ def test_amqtt_is_the_pinned_version_with_the_internals_fishim_patches():
     for method in ("handle_publish", "handle_subscribe", "handle_unsubscribe", "handle_puback"):
         assert f"asyncio.create_task(self.{method}(packet))" in reader_loop
     assert issubclass(FishimBroker, Broker) and EmbeddedBroker.__init__ is not None
+
+
+# -- the bridge's in-flight window ---------------------------------------------------------------
+
+
+def test_bridge_session_gets_a_window_of_two_batches_phones_keep_max_inflight(
+    embedded_broker_factory, paho, raw_mqtt
+):
+    """The bridge PUBACKs only after COMMIT: with a phone-sized window it would idle between batches."""
+    broker = embedded_broker_factory(broker={"max_inflight": 5})
+    phone, bridge = raw_mqtt(broker.port), raw_mqtt(broker.port)
+    phone.connect("phone-1", clean=False)
+    bridge.connect("fishim-bridge", clean=False)  # the configured bridge.client_id (anonymous loopback)
+    phone.subscribe(f"{C3}/#")
+    bridge.subscribe(f"{C3}/#")
+    staff = paho(broker.port, "staff")
+    for n in range(20):
+        staff.publish(f"{C3}/picks", str(n).encode())
+
+    to_bridge = [bridge.read() for _ in range(20)]  # none acked yet: all 20 in flight at once
+    assert [p.publish[2] for p in to_bridge] == [str(n).encode() for n in range(20)]
+    to_phone = [phone.read() for _ in range(5)]
+    assert [p.publish[2] for p in to_phone] == [str(n).encode() for n in range(5)]
+    with pytest.raises(TimeoutError):  # the window of 5 is full: nothing more until a PUBACK
+        phone.read(timeout=0.5)
+    phone.puback(to_phone[0].publish[1])
+    sixth = phone.read()
+    assert sixth is not None and sixth.publish[2] == b"5"
