@@ -159,7 +159,8 @@ class _Work:
     known: set[str] = field(default_factory=set)  # envelope ids already in SQLite
     ids: dict[str, str] = field(default_factory=dict)  # id -> order of events stored in this batch
     events: list[EventRow] = field(default_factory=list)
-    orders: dict[str, OrderRow] = field(default_factory=dict)
+    drafts: dict[str, OrderRow] = field(default_factory=dict)  # the batch's working copy of each order used
+    orders: dict[str, OrderRow] = field(default_factory=dict)  # the drafts an accepted event changed
     retained: dict[str, tuple[str, int, bytes]] = field(default_factory=dict)  # topic -> (id, seq, payload)
     receipts: dict[tuple[str, str], int] = field(default_factory=dict)
     deadletters: list[DeadLetter] = field(default_factory=list)
@@ -428,10 +429,8 @@ class Bridge:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         break
-                    try:
-                        nxt = self._inbox.get(timeout=left)
-                    except queue.Empty:
-                        break
+                    time.sleep(left)  # then take all that came meanwhile: one wake-up, not one per message
+                    continue
                 if not isinstance(nxt, _Inbound):
                     pending = nxt  # a connect marker or stop ends the batch; handled right after it
                     break
@@ -550,7 +549,8 @@ class Bridge:
             return
         order = self._order(ref.order or "", work)
         try:
-            outcome = orders.apply(order, ref, msg, work.next_seq, work.now, self._directory, self.service_user)
+            outcome = orders.apply(order, ref, msg, work.next_seq, work.now, self._directory, self.service_user,
+                                   in_place=True)
         except Rejected as exc:
             self._reject(m, ref, exc, work, msg.id, msg.sender)
             return
@@ -563,8 +563,8 @@ class Bridge:
         ref = TopicRef(channel=Channel.STATUS, order=order_id)
         topic = self.topics.status(order_id)
         try:
-            outcome = orders.apply(work.orders[order_id], ref, follow, work.next_seq, work.now,
-                                   self._directory, self.service_user)
+            outcome = orders.apply(work.drafts[order_id], ref, follow, work.next_seq, work.now,
+                                   self._directory, self.service_user, in_place=True)
         except Rejected as exc:
             log.error("follow-up refused order=%s state=%s error=%s", order_id, follow.state.value, exc)
             return
@@ -575,11 +575,10 @@ class Bridge:
 
     def _accept(self, ref: TopicRef, topic: str, msg: Message, text: str, payload: bytes,
                 outcome: orders.Outcome, work: _Work) -> None:
-        seq = work.next_seq
+        seq = work.next_seq  # orders.apply gave the order this last_seq
         work.next_seq += 1
         order = outcome.order
-        order.last_seq = seq
-        work.orders[order.id] = order
+        work.orders[order.id] = work.drafts[order.id] = order
         work.ids[msg.id] = order.id
         work.events.append(EventRow(seq, msg.id, order.id, order.order_seq, ref.channel.value, topic,
                                     msg.sender, msg.ts, work.now, int(ref.retained), text))
@@ -615,12 +614,19 @@ class Bridge:
                           payload=payload[:self.config.limits.max_payload])
 
     def _order(self, order_id: str, work: _Work) -> OrderRow | None:
-        if order_id in work.orders:
-            return work.orders[order_id]
+        """The batch's working copy of the order, made on first use: the rules update it in place,
+        so it always holds the batch's latest state, and the cache is untouched until COMMIT."""
+        draft = work.drafts.get(order_id)
+        if draft is not None:
+            return draft
         if order_id not in self._orders:
             _bounded(self._orders)
             self._orders[order_id] = self.store.get_order(order_id)
-        return self._orders[order_id]
+        cached = self._orders[order_id]
+        if cached is None:
+            return None
+        draft = work.drafts[order_id] = orders.working_copy(cached)
+        return draft
 
     def _settle(self, topic: str, ident: str | None, work: _Work) -> None:
         """A copy of ``ident`` (None: an empty payload) just took the broker's retained slot for ``topic``.
@@ -650,16 +656,12 @@ class Bridge:
         return self._retained_ids.get(topic)
 
     def _write(self, work: _Work) -> None:
-        """The batch's rows: events in one executemany, one projection row per touched order."""
+        """The batch's rows, a few multi-row INSERTs per table: events, touched orders, retained, receipts."""
         store = self.store
-        if work.events:
-            store.insert_events(work.events)
-        for order in work.orders.values():
-            store.put_order(order)
-        for topic, (_ident, seq, payload) in work.retained.items():
-            store.put_retained(topic, payload, 1, seq)
-        for (order_id, member), value in work.receipts.items():
-            store.put_receipt(order_id, member, value)
+        store.insert_events(work.events)
+        store.put_orders(work.orders.values())
+        store.put_retained_rows((topic, payload, 1, seq) for topic, (_ident, seq, payload) in work.retained.items())
+        store.put_receipts((order_id, member, value) for (order_id, member), value in work.receipts.items())
         for letter in work.deadletters:
             store.add_deadletter(letter)
 

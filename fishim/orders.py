@@ -78,21 +78,34 @@ def members(order: OrderRow) -> set[str]:
 
 
 def is_member(order: OrderRow, user: str, directory: Directory) -> bool:
+    if user == order.customer or user == order.rider:  # `user` is a valid name, never empty
+        return True
     role = directory.role_of(user)
-    return user in members(order) or role in STAFF_ROLES or role is None
+    return role in STAFF_ROLES or role is None
+
+
+def working_copy(order: OrderRow) -> OrderRow:
+    """A copy :func:`apply` may update in place without touching ``order``.
+
+    Shallow (a deep one was half the bridge's per-message cost): the rules only set scalars and
+    replace ``last_location``; ``picked``, the one container the pick gate changes, gets its own dict.
+    """
+    return order.model_copy(update={"picked": dict(order.picked)})
 
 
 def apply(order: OrderRow | None, ref: TopicRef, msg: Message, seq: int, now: int,
-          directory: Directory, service_user: str = "fishim-bridge") -> Outcome:
-    """Check ``msg`` against ``order`` and return the updated projection; raise Rejected if refused."""
+          directory: Directory, service_user: str = "fishim-bridge", *, in_place: bool = False) -> Outcome:
+    """Check ``msg`` against ``order`` and return the updated projection; raise Rejected if refused.
+
+    ``order`` is left as it is, unless ``in_place``: then it must be the caller's own
+    :func:`working_copy` (the bridge makes one per order per batch) and is updated and returned as
+    ``Outcome.order``. Every check runs before anything is changed, so a refusal leaves it intact.
+    """
     if isinstance(msg, Status):
-        return _apply_status(order, ref.order or "", msg, seq, now, directory)
+        return _apply_status(order, ref.order or "", msg, seq, now, directory, in_place)
     if order is None:
         raise Rejected(ErrorCode.UNKNOWN_ORDER, f"order {ref.order!r} does not exist (no 'placed' status yet)")
-    # Shallow copy (a deep one was half the bridge's per-message cost): below only scalars are set and
-    # last_location replaced; `picked`, the one container the pick gate changes, gets its own dict.
-    updated = order.model_copy(update={"picked": dict(order.picked)})
-    updated.updated_at, updated.last_seq, updated.order_seq = now, seq, order.order_seq + 1
+    updated = order if in_place else working_copy(order)
     outcome = Outcome(order=updated)
     match msg:
         case Chat():
@@ -104,12 +117,12 @@ def apply(order: OrderRow | None, ref: TopicRef, msg: Message, seq: int, now: in
             outcome.follow_ups = _apply_pick(updated, msg, now, service_user)
         case Receipt():
             _check_receipt(order, ref, msg, directory)
+    updated.updated_at, updated.last_seq, updated.order_seq = now, seq, updated.order_seq + 1
     return outcome
 
 
-def _apply_status(
-    order: OrderRow | None, order_id: str, msg: Status, seq: int, now: int, directory: Directory
-) -> Outcome:
+def _apply_status(order: OrderRow | None, order_id: str, msg: Status, seq: int, now: int,
+                  directory: Directory, in_place: bool) -> Outcome:
     role = directory.role_of(msg.sender)
     if order is None:
         if msg.state is not S.PLACED:
@@ -132,10 +145,10 @@ def _apply_status(
             raise Rejected(ErrorCode.FORBIDDEN, f"{msg.sender} is not the rider of order {order.id}")
     else:
         _require_staff(role, msg)
-    updated = order.model_copy(deep=True)
-    updated.state, updated.updated_at, updated.last_seq = msg.state.value, now, seq
-    updated.order_seq = order.order_seq + 1
     changed = msg.state is S.ASSIGNED and msg.rider != order.rider
+    updated = order if in_place else working_copy(order)
+    updated.state, updated.updated_at, updated.last_seq = msg.state.value, now, seq
+    updated.order_seq += 1
     if changed:
         updated.rider = msg.rider
     return Outcome(order=updated, membership_changed=changed)
@@ -170,7 +183,7 @@ def _check_location(order: OrderRow, msg: Location, directory: Directory) -> Non
 
 
 def _apply_pick(order: OrderRow, msg: Pick, now: int, service_user: str) -> list[Status]:
-    """Count the pick; once every item is covered the order moves to ``packed`` on its own."""
+    """Count the pick (checks first); once every item is covered the order moves to ``packed`` on its own."""
     state = S(order.state)
     if state not in PICKABLE_STATES:
         raise Rejected(ErrorCode.ILLEGAL_TRANSITION, f"order {order.id} is {state.value}: no picks accepted")

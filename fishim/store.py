@@ -7,12 +7,14 @@ versioned by ``PRAGMA user_version``, never by hand.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from itertools import chain
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -290,13 +292,13 @@ class Store:
         )
         return cur.lastrowid if cur.rowcount else None
 
-    def insert_events(self, rows: Iterable[EventRow]) -> None:
+    def insert_events(self, rows: Sequence[EventRow]) -> None:
         """Append a batch with the caller's ``seq`` values, inside the caller's transaction.
 
         Plain INSERT: a duplicate id or seq raises IntegrityError, because the bridge filters
         duplicates before applying the rules and a silent IGNORE would let the projection drift.
         """
-        self.conn.executemany(f"INSERT INTO events ({_EVENT_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows)
+        _insert_rows(self.conn, f"INSERT INTO events ({_EVENT_COLS})", rows)
 
     def next_seq(self) -> int:
         """The seq AUTOINCREMENT would give the next event (the bridge, sole writer, assigns it)."""
@@ -365,12 +367,14 @@ class Store:
 
     def put_order(self, order: OrderRow) -> None:
         """Insert or replace the projection row, inside the caller's transaction."""
-        self.conn.execute(
-            f"INSERT OR REPLACE INTO orders ({_ORDER_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-            (order.id, order.state, order.customer, order.rider, json.dumps(order.items),
-             json.dumps(order.picked), order.created_at, order.updated_at, order.last_seq, order.order_seq,
-             json.dumps(order.last_location) if order.last_location is not None else None),
-        )
+        self.put_orders([order])
+
+    def put_orders(self, orders: Iterable[OrderRow]) -> None:
+        """:meth:`put_order` for a batch of orders, in as few statements as possible."""
+        _insert_rows(self.conn, f"INSERT OR REPLACE INTO orders ({_ORDER_COLS})", [
+            (o.id, o.state, o.customer, o.rider, json.dumps(o.items), json.dumps(o.picked), o.created_at,
+             o.updated_at, o.last_seq, o.order_seq, json.dumps(o.last_location) if o.last_location is not None
+             else None) for o in orders])
 
     def list_orders(self, state: str | None = None, rider: str | None = None, customer: str | None = None,
                     updated_since: int | None = None, limit: int = 1000) -> list[OrderRow]:
@@ -412,6 +416,12 @@ class Store:
             (topic, payload, qos, seq, now_ms()),
         )
 
+    def put_retained_rows(self, rows: Iterable[tuple[str, bytes, int, int | None]]) -> None:
+        """:meth:`put_retained` for a batch of ``(topic, payload, qos, seq)``, payloads not empty."""
+        now = now_ms()
+        _insert_rows(self.conn, "INSERT OR REPLACE INTO retained (topic, payload, qos, seq, updated_at)",
+                     [(topic, payload, qos, seq, now) for topic, payload, qos, seq in rows])
+
     def get_retained(self, topic: str) -> RetainedRow | None:
         row = self.conn.execute(
             "SELECT topic, payload, qos, seq, updated_at FROM retained WHERE topic=?", (topic,)
@@ -437,6 +447,12 @@ class Store:
             "INSERT OR REPLACE INTO receipts (order_id, member, read_up_to, updated_at) VALUES (?,?,?,?)",
             (order_id, member, read_up_to, now_ms()),
         )
+
+    def put_receipts(self, rows: Iterable[tuple[str, str, int]]) -> None:
+        """:meth:`put_receipt` for a batch of ``(order_id, member, read_up_to)``."""
+        now = now_ms()
+        _insert_rows(self.conn, "INSERT OR REPLACE INTO receipts (order_id, member, read_up_to, updated_at)",
+                     [(*row, now) for row in rows])
 
     def receipts(self, order_id: str) -> dict[str, int]:
         rows = self.conn.execute("SELECT member, read_up_to FROM receipts WHERE order_id=?", (order_id,))
@@ -584,6 +600,27 @@ class Store:
         """The store's size on disk: the main file plus its write-ahead log."""
         wal = self.path.with_name(self.path.name + "-wal")
         return sum(p.stat().st_size for p in (self.path, wal) if p.exists())
+
+
+ROWS_PER_INSERT = 100  # rows per multi-row INSERT: 1,100 parameters at most, far below SQLite's limit
+
+
+def _insert_rows(conn: sqlite3.Connection, head: str, rows: Sequence[Sequence[Any]]) -> None:
+    """``head`` (``INSERT … (columns)``) for every row, as multi-row VALUES of up to ROWS_PER_INSERT rows.
+
+    Not ``executemany``: that runs one statement per row, and each one releases and re-takes the GIL,
+    which under load means a thread switch with the bridge's network thread per row.
+    """
+    for start in range(0, len(rows), ROWS_PER_INSERT):
+        chunk = rows[start:start + ROWS_PER_INSERT]
+        conn.execute(_values_sql(head, len(chunk[0]), len(chunk)), list(chain.from_iterable(chunk)))
+
+
+@functools.cache
+def _values_sql(head: str, width: int, count: int) -> str:
+    row = f"({','.join('?' * width)})"
+    return f"{head} VALUES {','.join([row] * count)}"
+
 
 def _event(row: tuple[Any, ...]) -> StoredEvent:
     seq, ident, order_id, order_seq, channel, topic, sender, ts, received_at, retain, payload = row

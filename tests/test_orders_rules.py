@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from fishim.messages import Chat, ErrorCode, Location, OrderState, Pick, Receipt, Rejected, Status
-from fishim.orders import TRANSITIONS, Outcome, apply
+from fishim.orders import TRANSITIONS, Outcome, apply, working_copy
 from fishim.store import OrderRow
 from fishim.topics import Topics, parse
 
@@ -186,3 +186,28 @@ def test_receipts_never_move_backwards() -> None:
     assert info.value.code is ErrorCode.RECEIPT_BACKWARDS
     with pytest.raises(Rejected):
         apply(order, ref, Receipt(id="r3", ts=1, sender="c1", read_up_to=99), 9, 9, d)
+
+
+def test_apply_leaves_the_order_alone_unless_in_place() -> None:
+    order = advance(placed(), S.CONFIRMED)
+    before = order.model_dump()
+    ref = parse(T.picks("o1"))
+    copied = apply(order, ref, Pick(id="p1", ts=1, sender="scan", sku="rod", qty=1), 5, 5, Dir()).order
+    assert copied is not order and copied.picked == {"rod": 1} and order.model_dump() == before
+
+    draft = working_copy(order)  # what the bridge holds for one batch
+    with pytest.raises(Rejected):
+        apply(draft, ref, Pick(id="p2", ts=1, sender="scan", sku="reel", qty=3), 6, 6, Dir(), in_place=True)
+    with pytest.raises(Rejected):
+        apply(draft, parse(T.status("o1")), status(S.DELIVERED), 6, 6, Dir(), in_place=True)
+    assert draft.model_dump() == before  # refusals change nothing
+
+    for seq, qty in ((7, 1), (8, 1)):
+        outcome = apply(draft, ref, Pick(id=f"p{seq}", ts=1, sender="scan", sku="reel", qty=qty), seq, seq, Dir(),
+                        in_place=True)
+        assert outcome.order is draft
+    assert (draft.picked, draft.order_seq, draft.last_seq) == ({"reel": 2}, order.order_seq + 2, 8)
+    with pytest.raises(Rejected) as info:  # the third reel sees the two before it
+        apply(draft, ref, Pick(id="p9", ts=1, sender="scan", sku="reel", qty=1), 9, 9, Dir(), in_place=True)
+    assert info.value.code is ErrorCode.OVER_PICK
+    assert order.model_dump() == before

@@ -94,6 +94,10 @@ def test_decode_status_keeps_unknown_fields_and_normalises_ts() -> None:
         (json.dumps({"ts": 1, "sender": "a", "state": "placed"}).encode(), ErrorCode.BAD_SCHEMA),
         (env(state="placed", ts="yesterday"), ErrorCode.BAD_SCHEMA),
         (env(state="placed", sender="bad name"), ErrorCode.BAD_SCHEMA),
+        (b'{"id": "m\xff", "ts": 1, "sender": "cust1", "state": "placed"}', ErrorCode.BAD_JSON),
+        (b"\xef\xbb\xbf" + env(state="placed"), ErrorCode.BAD_JSON),  # a BOM: stored, it would not parse back
+        (b"null", ErrorCode.BAD_JSON),
+        (env(state="placed", items=[1]), ErrorCode.BAD_SCHEMA),  # an object is wanted deeper down: the schema's
     ],
 )
 def test_decode_refuses_with_a_code(payload: bytes, code: ErrorCode) -> None:
