@@ -292,7 +292,7 @@ class Store:
         )
         return cur.lastrowid if cur.rowcount else None
 
-    def insert_events(self, rows: Sequence[EventRow]) -> None:
+    def insert_events(self, rows: Iterable[EventRow]) -> None:
         """Append a batch with the caller's ``seq`` values, inside the caller's transaction.
 
         Plain INSERT: a duplicate id or seq raises IntegrityError, because the bridge filters
@@ -605,12 +605,13 @@ class Store:
 ROWS_PER_INSERT = 100  # rows per multi-row INSERT: 1,100 parameters at most, far below SQLite's limit
 
 
-def _insert_rows(conn: sqlite3.Connection, head: str, rows: Sequence[Sequence[Any]]) -> None:
+def _insert_rows(conn: sqlite3.Connection, head: str, rows: Iterable[Sequence[Any]]) -> None:
     """``head`` (``INSERT … (columns)``) for every row, as multi-row VALUES of up to ROWS_PER_INSERT rows.
 
     Not ``executemany``: that runs one statement per row, and each one releases and re-takes the GIL,
     which under load means a thread switch with the bridge's network thread per row.
     """
+    rows = rows if isinstance(rows, list | tuple) else list(rows)
     for start in range(0, len(rows), ROWS_PER_INSERT):
         chunk = rows[start:start + ROWS_PER_INSERT]
         conn.execute(_values_sql(head, len(chunk[0]), len(chunk)), list(chain.from_iterable(chunk)))

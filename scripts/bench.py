@@ -807,7 +807,10 @@ class Bench:
         self.brokers = [b for b in brokers if b != "mosquitto" or find_mosquitto() is not None]
         self.skipped = [b for b in brokers if b not in self.brokers]
         self.config = work / "bench-broker.yaml"
-        self.config.write_text("# fishim defaults (scripts/bench.py)\n{}\n")
+        # fishim defaults, but the offline/backlog queue as deep as the Mosquitto peer's
+        # (max_queued_messages 100000 in fishim.testing.mosquitto): a flood must not be cut by the bound.
+        self.config.write_text("# scripts/bench.py: defaults + queue bound of the Mosquitto peer\n"
+                               "limits:\n  max_queued: 100000\n")
         self.logs = work / "logs"
         self.logs.mkdir(exist_ok=True)
         self._publisher: Worker | None = None

@@ -73,3 +73,15 @@ def test_profile_summary_reads_collapsed_stacks(bench: ModuleType) -> None:
     assert summary["samples"] == 40
     assert summary["self_percent"][0] == ["dumps (json/__init__.py)", 75.0]
     assert ["json", 75.0] in summary["area_self_percent"] and ["fishim", 25.0] in summary["area_self_percent"]
+
+
+def test_fill_store_writes_a_replayable_history(bench: ModuleType, tmp_path: Path) -> None:
+    """The replay and memory sections stand on fill_store: its rows must be what the bridge writes."""
+    from fishim.store import Store
+
+    db = tmp_path / "hist.db"
+    bench.fill_store(db, 250, orders=5, customer="replayer", prefix="rp")
+    with Store(db, readonly=True) as store:
+        assert store.count_events() == 250
+        assert [e.seq for e in store.events_since(0, limit=1000)] == list(range(1, 251))
+        assert len(store.order_ids_for("replayer", "customer")) == 5
