@@ -2,42 +2,15 @@
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import logging
-from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from fishim.broker import EmbeddedBroker, ListenerError
 from fishim.config import Config, ListenerConfig, TlsConfig
+from fishim.testing.tls import self_signed
 
 A1 = "fishim/orders/A1"
-
-
-def self_signed(tmp_path: Path) -> TlsConfig:
-    """A throwaway certificate for 127.0.0.1 (its own CA)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fishim-test")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                       critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return TlsConfig(cert=cert_file, key=key_file)
 
 
 def test_tcp_websocket_and_tls_listeners_share_one_broker(embedded_broker_factory, paho, tmp_path):

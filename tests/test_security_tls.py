@@ -3,8 +3,6 @@ message; a plain MQTT client and a client that doesn't trust the certificate get
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import socket
 import ssl
 import uuid
@@ -14,35 +12,10 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 from _security_shop import make_shop
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from fishim.config import ListenerConfig, TlsConfig
 from fishim.testing.mqtt import Collector, MqttClient, publish_and_wait
-
-
-def self_signed(directory: Path) -> tuple[Path, Path]:
-    """A certificate for localhost / 127.0.0.1 that is its own CA, and its key (PEM files)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fishim test shop")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                                    x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    key_path.chmod(0o600)
-    return cert_path, key_path
+from fishim.testing.tls import self_signed
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +23,8 @@ def tls_shop(tmp_path_factory: pytest.TempPathFactory,
              secure_broker_factory: Callable[..., object]) -> tuple[int, dict[str, str], Path]:
     root = tmp_path_factory.mktemp("tls")
     passwords = make_shop(root / "shop.db")
-    cert, key = self_signed(root)
+    tls = self_signed(root)
+    cert, key = tls.cert, tls.key
     listener = ListenerConfig(name="tls", bind="127.0.0.1:0", tls=TlsConfig(cert=cert, key=key))
     broker = secure_broker_factory(root / "shop.db", listeners=[listener])
     return broker.port, passwords, cert  # type: ignore[attr-defined]
