@@ -378,14 +378,7 @@ class Store:
 
     def list_orders(self, state: str | None = None, rider: str | None = None, customer: str | None = None,
                     updated_since: int | None = None, limit: int = 1000) -> list[OrderRow]:
-        where, args = [], []
-        for column, value in (("state", state), ("rider", rider), ("customer", customer)):
-            if value is not None:
-                where.append(f"{column}=?")
-                args.append(value)
-        if updated_since is not None:
-            where.append("updated_at>=?")
-            args.append(updated_since)
+        where, args = _order_filters("", state=state, rider=rider, customer=customer, updated_since=updated_since)
         clause = f"WHERE {' AND '.join(where)}" if where else ""
         rows = self.conn.execute(
             f"SELECT {_ORDER_COLS} FROM orders {clause} ORDER BY updated_at DESC LIMIT ?", (*args, limit)
@@ -518,14 +511,7 @@ class Store:
         ``open_created_before`` keeps only open orders (not delivered/cancelled) created before that
         time, oldest first: the "late" view. Otherwise the most recently updated come first.
         """
-        where, args = [], []
-        for column, value in (("o.state", state), ("o.rider", rider)):
-            if value is not None:
-                where.append(f"{column}=?")
-                args.append(value)
-        if updated_since is not None:
-            where.append("o.updated_at>=?")
-            args.append(updated_since)
+        where, args = _order_filters("o.", state=state, rider=rider, updated_since=updated_since)
         order_by = "o.updated_at DESC"
         if open_created_before is not None:
             where.append("o.state NOT IN ('delivered','cancelled') AND o.created_at<?")
@@ -600,6 +586,21 @@ class Store:
         """The store's size on disk: the main file plus its write-ahead log."""
         wal = self.path.with_name(self.path.name + "-wal")
         return sum(p.stat().st_size for p in (self.path, wal) if p.exists())
+
+
+def _order_filters(alias: str, *, state: str | None = None, rider: str | None = None,
+                   customer: str | None = None, updated_since: int | None = None) -> tuple[list[str], list[Any]]:
+    """WHERE terms and their arguments for the order list filters (``alias`` is ``""`` or ``"o."``)."""
+    where: list[str] = []
+    args: list[Any] = []
+    for column, value in (("state", state), ("rider", rider), ("customer", customer)):
+        if value is not None:
+            where.append(f"{alias}{column}=?")
+            args.append(value)
+    if updated_since is not None:
+        where.append(f"{alias}updated_at>=?")
+        args.append(updated_since)
+    return where, args
 
 
 ROWS_PER_INSERT = 100  # rows per multi-row INSERT: 1,100 parameters at most, far below SQLite's limit
