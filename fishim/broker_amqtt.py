@@ -12,8 +12,9 @@ bookkeeping and ``shutdown``. Replaced, each because of a flaw measured in DESIG
   ``Authenticator``/``Authorizer`` decide instead of awaited plugin calls;
 - routing (``_broadcast_message``/``_run_broadcast``): synchronous, min(publish, subscription) QoS,
   receive check per delivery, into each session's :class:`~fishim.broker_outbox.Outbox`;
-- retained delivery only on SUBSCRIBE, per filter, each message receive-checked; a client's retain
-  flag is honoured only on DESIGN.md's retained channels;
+- retained delivery only on SUBSCRIBE, per filter, each message receive-checked (and on a
+  membership announcement, an order's retained messages to the sessions it newly lets read them);
+  a client's retain flag is honoured only on DESIGN.md's retained channels;
 - packet order: PUBLISH, SUBSCRIBE and UNSUBSCRIBE take effect in the order the client sent them
   (:class:`FishimHandler`); connection end: one future per connection, so no loss goes unnoticed.
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import logging
 import ssl
 from dataclasses import dataclass
@@ -58,7 +60,7 @@ from fishim.broker_wire import (
     unsuback,
 )
 from fishim.config import Config, ListenerConfig, TlsConfig
-from fishim.topics import TopicError, matches, parse
+from fishim.topics import TopicError, is_name, matches, parse
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -210,6 +212,7 @@ class FishimBroker(Broker):
         # OrderAcl.observe: the service account's membership announcements update the ACL before
         # the next message is routed (auth.OrderAcl docs). Optional, so any Authorizer still fits.
         self._observe: Callable[[str, bytes], object] | None = getattr(authorizer, "observe", None)
+        self._membership_topic = f"{config.prefix}/system/membership"
         self.on_refused = on_refused
         self.ports: dict[str, int] = {}
         self._bound: dict[str, asyncio.Server | websockets.asyncio.server.Server] = {}
@@ -481,10 +484,44 @@ class FishimBroker(Broker):
             return
         payload = bytes(data)
         if self._observe is not None and principal.role == "service":
-            self._observe(topic, payload)
+            if topic == self._membership_topic:
+                self._observe_membership(self._observe, payload)
+            else:
+                self._observe(topic, payload)
         self.route(topic, payload, qos)
         if retain and self._retainable(topic):
             self.store_retained(topic, payload, qos)
+
+    def _observe_membership(self, observe: Callable[[str, bytes], object], payload: bytes) -> None:
+        """A membership announcement: update the ACL, then send the order's retained messages to
+        the sessions that may read them only since this change.
+
+        The bridge announces after committing a change, so the retained status that made a rider
+        (or customer) a member was routed under the old membership and missed them. Each subscribed
+        session is asked ``may_receive`` before and after ``observe``; a session that passes only
+        after gets each such retained message once, with retain=1 at min(retained QoS, subscription
+        QoS), through its outbox (:meth:`_queue_retained_message`, as on SUBSCRIBE). Members that
+        stay members or leave get nothing. Only on announcements, and only the order's own topics.
+        """
+        try:
+            body = json.loads(payload)
+        except ValueError:
+            body = None
+        order = body.get("order") if isinstance(body, dict) else None
+        pending: list[tuple[SessionState, str, RetainedApplicationMessage, int]] = []
+        if isinstance(order, str) and is_name(order):
+            head = f"{self.fishim_config.prefix}/orders/{order}/"
+            may_receive = self.authorizer.may_receive
+            for topic, message in self._retained_messages.items():
+                if not topic.startswith(head):
+                    continue
+                for state, granted in self._subscribers(topic).values():
+                    if not may_receive(state.principal, topic):
+                        pending.append((state, topic, message, granted))
+        observe(self._membership_topic, payload)
+        for state, topic, message, granted in pending:
+            if self.authorizer.may_receive(state.principal, topic):
+                self._queue_retained_message(state, topic, message, granted)
 
     def _publish_will(self, session: Session) -> None:
         """The will of a connection that ended without DISCONNECT (topic authorised at CONNECT)."""
@@ -536,6 +573,17 @@ class FishimBroker(Broker):
             outbox.put(Delivery(topic, topic_bytes, payload, granted, False, not outbox.connected))
             queued += 1
         return queued
+
+    def _subscribers(self, topic: str) -> dict[str, tuple[SessionState, int]]:
+        """Sessions subscribed to ``topic`` (by client id), each with its highest subscription QoS."""
+        found: dict[str, tuple[SessionState, int]] = {}
+        for topic_filter in self._filters_matching(topic):
+            for session, sub_qos in self._subscriptions.get(topic_filter, ()):
+                state: SessionState | None = session.attributes.get(STATE_KEY)
+                best = found.get(session.client_id or "")
+                if state is not None and (best is None or sub_qos > best[1]):
+                    found[session.client_id or ""] = (state, sub_qos)
+        return found
 
     def store_retained(self, topic: str, payload: bytes, qos: int) -> None:
         """Keep the last retained message per topic; an empty payload clears it [MQTT-3.3.1-10]."""
@@ -647,9 +695,15 @@ class FishimBroker(Broker):
         may_receive = self.authorizer.may_receive
         for topic, message in self._retained_messages.items():
             if matches(topic, topic_filter) and may_receive(state.principal, topic):
-                qos = min(message.qos or 0, granted)
-                state.outbox.put(Delivery(topic, topic.encode("utf-8"), bytes(message.data), qos, True,
-                                          not state.outbox.connected))
+                self._queue_retained_message(state, topic, message, granted)
+
+    @staticmethod
+    def _queue_retained_message(state: SessionState, topic: str, message: RetainedApplicationMessage,
+                                granted: int) -> None:
+        """One retained message into a session's outbox: retain=1, min(retained, subscription) QoS."""
+        qos = min(message.qos or 0, granted)
+        state.outbox.put(Delivery(topic, topic.encode("utf-8"), bytes(message.data), qos, True,
+                                  not state.outbox.connected))
 
     def _drop_subscriptions(self, session: Session) -> None:
         for topic_filter in list(self._subscriptions):

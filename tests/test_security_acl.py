@@ -12,6 +12,7 @@ import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from _security_shop import (
@@ -177,9 +178,20 @@ def test_only_the_service_account_moves_membership(broker: object, shop: tuple[P
     assert broker.run(lambda: acl.members("A2")) == before == ("c2", "r2")  # type: ignore[attr-defined]
 
 
+def _tags(recorder: Recorder, sentinel: str, timeout: float = 30.0) -> list[str]:
+    """Every tag ``recorder`` got until ``sentinel``, in order and with repeats (``wait`` dedups)."""
+    if not recorder.done.wait(timeout):
+        raise TimeoutError(f"no sentinel {sentinel} within {timeout}s")
+    recorder.done.clear()
+    tags, recorder.got = [tag for tag, _ in recorder.got], []
+    return tags
+
+
 def test_reassignment_through_the_real_bridge(tmp_path: Path, secure_broker_factory: Callable[..., object]) -> None:
-    """Staff reassigns A3 from r1 to r2; the bridge commits it and announces the membership; from the
-    announcement on, A3's chat reaches r2 and no longer r1 (both subscribed to ``fishim/#``)."""
+    """Staff reassigns A3 from r1 to r2; the bridge commits it and announces the membership. The
+    retained ``assigned`` status was routed before the announcement, under the old membership, so
+    the broker sends it (retained) to r2 when the announcement passes: every subscriber gets it
+    exactly once, r2 included. From the announcement on, A3's chat reaches r2 and no longer r1."""
     db = tmp_path / "shop.db"
     passwords = make_shop(db)
     broker = secure_broker_factory(db)
@@ -190,25 +202,96 @@ def test_reassignment_through_the_real_bridge(tmp_path: Path, secure_broker_fact
     try:
         bridge.start()
         bridge.wait_ready(30)
-        clerk, r1, r2, watcher = (connect_client(port, f"{u}-bridged-{i}", username=u, password=passwords[u])
-                                  for i, u in enumerate(("clerk", "r1", "r2", SERVICE)))
-        clients += [clerk, r1, r2, watcher]
-        recorders = {u: Recorder(c, sentinel=f"end:{u}") for u, c in (("r1", r1), ("r2", r2))}
-        for client in (r1, r2):
-            client.subscribe_and_wait("fishim/#")
+        clerk, r1, r2, c1, boss, watcher = (
+            connect_client(port, f"{u}-bridged-{i}", username=u, password=passwords[u])
+            for i, u in enumerate(("clerk", "r1", "r2", "c1", "boss", SERVICE)))
+        clients += [clerk, r1, r2, c1, boss, watcher]
+        readers = {"r1": (r1, "fishim/#"), "r2": (r2, "fishim/#"), "c1": (c1, "fishim/#"),
+                   "clerk": (clerk, "fishim/orders/+/status"), "boss": (boss, "fishim/orders/A3/#")}
+        recorders = {u: Recorder(c, sentinel=f"end:{u}") for u, (c, _) in readers.items()}
+        for user, (client, topic_filter) in readers.items():
+            client.subscribe_and_wait(topic_filter)
+            client.subscribe_and_wait(f"fishim/errors/{user}")  # the sentinel's (once, with fishim/#)
         with Collector(watcher, "fishim/system/membership") as announcements:
             publish_and_wait(clerk, "fishim/orders/A3/status", {"id": "reassign-1", "ts": 1, "sender": "clerk",
                                                                  "state": "assigned", "rider": "r2"}, retain=True)
             # the broker hands the announcement to OrderAcl.observe before routing it, so once the
-            # watcher has it, the ACL has it
+            # watcher has it, the ACL has it (and r2 has been sent the retained status)
             assert announcements.get(timeout=30).json() == {"order": "A3", "customer": "c1", "rider": "r2"}
         publish_and_wait(clerk, "fishim/orders/A3/chat/clerk", {"id": "after-1", "ts": 2, "sender": "clerk",
                                                                  "text": "r2 takes this one"})
         for user in recorders:
             publish_and_wait(watcher, f"fishim/errors/{user}", body(f"end:{user}"))
-        got = {user: rec.wait(f"end:{user}") for user, rec in recorders.items()}
+        got = {user: _tags(rec, f"end:{user}") for user, rec in recorders.items()}
     finally:
         for client in clients:
             client.close()
         bridge.stop()
+    assert {user: tags.count("reassign-1") for user, tags in got.items()} == {
+        "r1": 1, "r2": 1, "c1": 1, "clerk": 1, "boss": 1}
     assert "after-1" in got["r2"] and "after-1" not in got["r1"]
+
+
+def test_announcement_sends_the_newly_readable_retained_state(tmp_path: Path,
+                                                              secure_broker_factory: Callable[..., object]) -> None:
+    """No bridge: the service account announces A3's new rider itself. r2 (live, and offline with a
+    persistent session) is sent A3's retained messages once, retain=1 at min(retained, subscription)
+    QoS; r1, who could read them before, and A1's retained status are left alone; a repeated
+    announcement sends nothing more."""
+    db = tmp_path / "shop.db"
+    passwords = make_shop(db)
+    broker = secure_broker_factory(db)
+    port: int = broker.port  # type: ignore[attr-defined]
+
+    def login(user: str, client_id: str, **kwargs: object) -> MqttClient:
+        client = connect_client(port, client_id, username=user, password=passwords[user], **kwargs)  # type: ignore[arg-type]
+        clients.append(client)
+        return client
+
+    def until_sentinel(collector: Collector, user: str) -> list[tuple[str, str, int, bool]]:
+        publish_and_wait(service, f"fishim/errors/{user}", body(f"end:{user}"))
+        got = []
+        while (message := collector.get(timeout=30)).topic != f"fishim/errors/{user}":
+            got.append((message.topic, message.json()["id"], message.qos, message.retain))
+        return got
+
+    def announce() -> None:
+        publish_and_wait(service, "fishim/system/membership",
+                         json.dumps({"order": "A3", "customer": "c1", "rider": "r2"}).encode())
+
+    clients: list[MqttClient] = []
+    try:
+        service = login(SERVICE, "svc-catchup")
+        publish_and_wait(service, "fishim/orders/A3/status", body("st-A3"), retain=True)
+        publish_and_wait(service, "fishim/orders/A3/location", body("loc-A3"), qos=0, retain=True)
+        publish_and_wait(service, "fishim/orders/A1/status", body("st-A1"), retain=True)
+        away = login("r2", "r2-away", clean_session=False)
+        away.subscribe_and_wait("fishim/orders/+/status")
+        away.close()
+        broker.wait_until(lambda: broker.broker.sessions_connected() == 1)  # type: ignore[attr-defined]
+        r1 = Collector(login("r1", "r1-catchup"), ["fishim/orders/#", "fishim/errors/r1"])
+        r2 = Collector(login("r2", "r2-catchup"), ["fishim/orders/+/status", "fishim/orders/+/location",
+                                                    "fishim/errors/r2"])
+        assert {m[1] for m in until_sentinel(r1, "r1")} == {"st-A3", "loc-A3", "st-A1"}  # on subscribe
+        assert until_sentinel(r2, "r2") == []  # not a member of A3 (nor A1) yet
+        announce()
+        assert until_sentinel(r2, "r2") == [("fishim/orders/A3/status", "st-A3", 1, True),
+                                            ("fishim/orders/A3/location", "loc-A3", 0, True)]
+        assert until_sentinel(r1, "r1") == []
+        announce()  # nothing changes: nothing is sent again
+        assert until_sentinel(r2, "r2") == []
+        inbox: list[tuple[str, str, bool]] = []
+
+        def record(_c: object, _u: object, msg: Any) -> None:
+            inbox.append((msg.topic, json.loads(msg.payload)["id"], bool(msg.retain)))
+
+        back = login("r2", "r2-away", clean_session=False,
+                     setup=lambda client: setattr(client, "on_message", record))
+        assert back.session_present
+        back.subscribe_and_wait("fishim/errors/r2")
+        publish_and_wait(service, "fishim/errors/r2", body("end:r2"))
+        broker.wait_until(lambda: len(inbox) >= 2, timeout=30)  # type: ignore[attr-defined]
+    finally:
+        for client in clients:
+            client.close()
+    assert inbox == [("fishim/orders/A3/status", "st-A3", True), ("fishim/errors/r2", "end:r2", False)]
