@@ -17,6 +17,7 @@ from pydantic import (
     Field,
     NonNegativeInt,
     PositiveInt,
+    StrictBool,
     StringConstraints,
     ValidationError,
     field_validator,
@@ -169,6 +170,8 @@ class SyncRequest(_Body):
     since: NonNegativeInt = 0
     orders: list[Name] | None = None
     id: MessageId | None = None
+    sender: str | None = None  # if given, must be the topic's {user} (checked by the sync server)
+    collapse: StrictBool = True  # false: every location fix, not only the latest per order
 
 
 class SyncEvent(BaseModel):

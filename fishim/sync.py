@@ -116,13 +116,9 @@ class SyncServer:
             request = SyncRequest.model_validate(data)
         except ValidationError as exc:
             raise schema_error(exc) from None
-        sender = data.get("sender")
-        if sender is not None and sender != ref.user:
+        if request.sender is not None and request.sender != ref.user:
             raise Rejected(ErrorCode.SENDER_MISMATCH,
-                           f"body sender {sender!r} does not match the sync topic's user {ref.user!r}")
-        collapse = data.get("collapse", True)
-        if not isinstance(collapse, bool):
-            raise Rejected(ErrorCode.BAD_SCHEMA, "collapse: must be true or false")
+                           f"body sender {request.sender!r} does not match the sync topic's user {ref.user!r}")
         return request
 
     def _refuse(self, ref: TopicRef, payload: bytes, rejected: Rejected) -> list[tuple[str, bytes]]:
@@ -145,7 +141,7 @@ class SyncServer:
 
     def _replay(self, ref: TopicRef, request: SyncRequest) -> tuple[list[bytes], int]:
         """Scan one snapshot and page it; returns (pages, events replayed)."""
-        collapse = bool((request.model_extra or {}).get("collapse", True))
+        collapse = request.collapse
         conn = self._store().conn
         conn.execute("BEGIN")
         try:
