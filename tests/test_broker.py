@@ -23,10 +23,10 @@ from amqtt.broker import Broker
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.mqtt.protocol.handler import ProtocolHandler
 
-from fishim import broker_amqtt
 from fishim.auth import Principal
 from fishim.broker import AllowAll, EmbeddedBroker, LoopbackAnonymous
-from fishim.broker_amqtt import FishimBroker, FishimHandler, state_of
+from fishim.broker import core as broker_amqtt
+from fishim.broker.core import FishimBroker, FishimHandler, state_of
 from fishim.config import ListenerConfig
 from fishim.testing.proxy import Proxy
 
@@ -657,7 +657,7 @@ AMQTT_INTERNALS = {
 
 
 def test_amqtt_is_the_pinned_version_with_the_internals_fishim_patches():
-    assert amqtt.__version__ == "0.12.1", "fishim.broker_amqtt patches amqtt internals: re-check docs/broker.md"
+    assert amqtt.__version__ == "0.12.1", "fishim.broker.core patches amqtt internals: re-check docs/broker.md"
     for (cls, name), expected in AMQTT_INTERNALS.items():
         assert str(inspect.signature(getattr(cls, name))) == expected, f"{cls.__name__}.{name} changed"
     # state fishim reads or writes directly

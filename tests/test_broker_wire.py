@@ -194,7 +194,7 @@ def test_client_that_pings_within_keepalive_stays_connected(embedded_broker, raw
 
 
 def test_connection_that_never_sends_connect_is_dropped(embedded_broker_factory, raw_mqtt, monkeypatch):
-    monkeypatch.setattr("fishim.broker_wire.CONNECT_TIMEOUT", 0.3)
+    monkeypatch.setattr("fishim.broker.wire.CONNECT_TIMEOUT", 0.3)
     broker = embedded_broker_factory()
     idle = raw_mqtt(broker.port)
     assert idle.closed_by_broker(timeout=3)

@@ -32,7 +32,7 @@ from typing import NamedTuple
 
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 
-from fishim.broker_wire import encode_publish, kv
+from fishim.broker.wire import encode_publish, kv
 
 log = logging.getLogger("fishim.broker")
 

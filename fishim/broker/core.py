@@ -11,7 +11,7 @@ bookkeeping and ``shutdown``. Replaced, each because of a flaw measured in DESIG
 - the plugin system is bypassed: no default logging/$SYS plugins, and fishim's synchronous
   ``Authenticator``/``Authorizer`` decide instead of awaited plugin calls;
 - routing (``_broadcast_message``/``_run_broadcast``): synchronous, min(publish, subscription) QoS,
-  receive check per delivery, into each session's :class:`~fishim.broker_outbox.Outbox`;
+  receive check per delivery, into each session's :class:`~fishim.broker.outbox.Outbox`;
 - retained delivery only on SUBSCRIBE, per filter, each message receive-checked (and on a
   membership announcement, an order's retained messages to the sessions it newly lets read them);
   a client's retain flag is honoured only on DESIGN.md's retained channels;
@@ -47,8 +47,8 @@ from amqtt.session import Session
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
-from fishim.broker_outbox import Delivery, Outbox
-from fishim.broker_wire import (
+from fishim.broker.outbox import Delivery, Outbox
+from fishim.broker.wire import (
     NOT_AUTHORIZED,
     SERVER_UNAVAILABLE,
     ConnectRefused,

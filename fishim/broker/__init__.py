@@ -25,8 +25,8 @@ from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from fishim.auth import Principal
-from fishim.broker_amqtt import FishimBroker, ListenerError
-from fishim.broker_wire import kv
+from fishim.broker.core import FishimBroker, ListenerError
+from fishim.broker.wire import kv
 from fishim.config import Config, ListenerConfig
 
 __all__ = [
