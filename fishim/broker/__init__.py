@@ -155,8 +155,7 @@ class EmbeddedBroker:
 
     def _start_ingest(self, core: FishimBroker, ingest: BrokerIngest) -> None:
         rows = ingest.open()
-        for row in rows:
-            core.store_retained(row.topic, row.payload, row.qos)
+        core.initial_retained = [(row.topic, row.payload, row.qos) for row in rows]
         core.sync = self._sync = SyncWorker(self.config, ingest)
         ingest.start(asyncio.get_running_loop(), core.committed)
         log.info("retained_loaded %s", kv(count=len(rows)))

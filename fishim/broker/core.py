@@ -222,6 +222,7 @@ class FishimBroker(Broker):
         self.on_refused = on_refused
         self.ingest = ingest
         self.sync: SyncWorker | None = None
+        self.initial_retained: list[tuple[str, bytes, int]] = []  # from the store, held before serving
         self._head = config.prefix + "/"
         self._orders_head = f"{config.prefix}/orders/"
         self._service_user = config.bridge.username
@@ -269,7 +270,11 @@ class FishimBroker(Broker):
                                 f"{exc.strerror or exc}") from None
 
     async def _start_listeners(self) -> None:
-        """amqtt hook: start accepting on the sockets :meth:`bind` opened."""
+        """amqtt hook: hold the stored retained values (amqtt's ``start`` cleared its table just
+        before), then start accepting on the sockets :meth:`bind` opened."""
+        for topic, payload, qos in self.initial_retained:
+            self.store_retained(topic, payload, qos)
+        self.initial_retained = []
         for name, server in self._bound.items():
             self._servers[name] = Server(name, server)
             await server.start_serving()
