@@ -46,6 +46,7 @@ from fishim.messages import (
     Rejected,
     Status,
     decode,
+    near_misses,
     peek_identity,
 )
 from fishim.store import DeadLetter, EventRow, OrderRow, Store, now_ms
@@ -555,6 +556,9 @@ class Bridge:
             self._reject(m, ref, exc, work, msg.id, msg.sender)
             return
         self._accept(ref, m.topic, msg, d.text, m.payload, outcome, work)
+        if msg.model_extra:  # stored; a field that looks misspelt gets an `unknown_field` warning
+            for miss in near_misses(msg):
+                self._warn(m.topic, msg, miss.rejected(), work)
         for follow in outcome.follow_ups:
             self._follow_up(follow, outcome.order.id, work)
 
@@ -606,6 +610,11 @@ class Bridge:
             work.restores[m.topic] = True
         log.warning("rejected topic=%s user=%s id=%s error=%s detail=%s", m.topic, user,
                     mask(ident) if ident else None, error.code.value, mask(error.detail))
+
+    def _warn(self, topic: str, msg: Message, warning: Rejected, work: _Work) -> None:
+        """An ``errors`` message about a message that was stored anyway (no dead letter)."""
+        body = ErrorMessage(topic=topic, id=msg.id, error=warning.code, detail=warning.detail, ts=work.now)
+        work.errors.append((msg.sender, body.model_dump_json(exclude_none=True).encode()))
 
     def _dead_letter(self, now: int, topic: str, payload: bytes, user: str | None, ident: str | None,
                      error: str, detail: str) -> DeadLetter:
