@@ -1,4 +1,4 @@
-"""The topic tree and payload contract (DESIGN.md): parse, build, validate, refuse clearly."""
+"""The topic tree and payload contract (docs/protocol.md): parse, build, validate, refuse clearly."""
 
 import json
 from datetime import UTC, datetime
