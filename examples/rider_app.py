@@ -41,7 +41,8 @@ def main() -> int:
     def on_event(event: ClientEvent) -> None:
         p = event.payload
         show("event", id=event.id, order=event.order, order_seq=event.order_seq, seq=event.seq,
-             channel=event.channel, sender=p.get("sender"), text=p.get("text") or p.get("state"))
+             channel=event.channel, sender=p.get("sender"), text=p.get("text") or p.get("state"),
+             source=event.source)
         if event.channel in ("status", "chat") and p.get("sender") != args.user:
             client.mark_read(event, wait=False)  # the shop's unread count for this rider drops
         if event.channel == "status" and p.get("state") == "assigned" and p.get("rider") == args.user:

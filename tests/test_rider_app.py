@@ -131,9 +131,12 @@ def test_rider_app_through_a_disconnect(up: Stack, tmp_path: Path) -> None:
     ids = [e["id"] for e in events]
     assert len(ids) == len(set(ids)), "an event was shown twice"
     assert set(ids) == {e.id for e in stored}, "an event was never shown"
-    print(*events, sep="\n")
     assert [e["order_seq"] for e in events] == [e.order_seq for e in stored], "not shown in order"
     assert [e["seq"] for e in events] == [e.seq for e in stored]
+    live = [e for e in events if e["source"] == "live"]
+    assert live and all(e["order_seq"] for e in live), "live events carry fishim's stamps"
+    missed = {"customer is at the back door", "delivering", "ring twice"}
+    assert missed <= {e["text"] for e in events if e["source"] == "replay"}, "the disconnect was caught up by sync"
     states = [line for line in app.lines if line["show"] == "order"]
     assert states[-1]["state"] == final.state == "delivered"
     assert not [line for line in app.lines if line["show"] == "error"]
