@@ -274,6 +274,9 @@ class FishimClient:
             follow-up sync fetches them (they are in the store), so nothing is lost.
         backfill_on_assign: fetch an order's earlier history when it first shows up past its first
             event (we were assigned to it later); its events wait for that history.
+        server_stamps: trust the ``seq``/``order_seq`` in live payloads (fishim's own broker sets them
+            and replaces any a client wrote). Set False behind Mosquitto/EMQX, where a publisher's own
+            values would pass through: then only sync numbers events and confirms statuses.
         collapse_locations: let the bridge shorten replayed ``location`` fixes to the latest per order
             (a rider's phone needs where the parcel is, not the route); False replays every fix.
     """
@@ -302,6 +305,7 @@ class FishimClient:
         live_buffer: int = 10_000,
         backfill_on_assign: bool = True,
         collapse_locations: bool = True,
+        server_stamps: bool = True,
     ) -> None:
         if not username:
             raise ValueError("username is required: it is the sender of what you publish and names your sync")
@@ -318,6 +322,7 @@ class FishimClient:
         self.live_buffer = live_buffer
         self.backfill_on_assign = backfill_on_assign
         self.collapse_locations = collapse_locations
+        self.server_stamps = server_stamps
         self._cursors = _CursorFile(Path(cursor_path) if cursor_path is not None else None, dedup_size)
         self._check_owner(prefix)
         self.client_id = client_id or self._stable_client_id(cursor_path is not None)
@@ -654,7 +659,7 @@ class FishimClient:
         elif ref.channel is Channel.ERRORS:
             self._on_error_message(data)
         elif ref.order is not None:
-            seq, order_seq = _stamps(data)
+            seq, order_seq = _stamps(data) if self.server_stamps else (None, None)
             event = ClientEvent(topic, data, seq, "live", order_seq=order_seq, retained=bool(msg.retain),
                                 order=ref.order, channel=ref.channel.value)
             with self._lock:
