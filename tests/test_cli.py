@@ -303,7 +303,7 @@ def test_every_help_has_an_example(path: tuple[str, ...]) -> None:
 
 def test_every_read_command_has_json() -> None:
     reads = [("orders", "list"), ("orders", "show"), ("orders", "watch"), ("deadletters",), ("stats",),
-             ("replay",), ("users", "list")]
+             ("replay",), ("devices",), ("users", "list")]
     for path in reads:
         assert "--json" in CliRunner().invoke(main, [*path, "--help"]).output, path
 
