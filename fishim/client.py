@@ -787,7 +787,7 @@ class FishimClient:
                     self._finish_sync()
             elif error.id in self._backfills:
                 self._backfill_done(self._backfills.pop(error.id).orders or [])
-        if error.id is not None:
+        if error.id is not None and error.error is not ErrorCode.UNKNOWN_FIELD:  # a warning: it was stored
             self._queue.put(_Rollback(error.id))  # a pending status of ours with this id is withdrawn
         self._errors.put(error)
         if self.on_error is not None:

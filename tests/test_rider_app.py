@@ -127,6 +127,7 @@ def test_rider_app_through_a_disconnect(up: Stack, tmp_path: Path) -> None:
     with Store(up.db, readonly=True) as store:
         stored = store.order_events("R1")
         final = store.get_order("R1")
+        devices = store.devices("rider1")
     assert final is not None
     ids = [e["id"] for e in events]
     assert len(ids) == len(set(ids)), "an event was shown twice"
@@ -140,3 +141,6 @@ def test_rider_app_through_a_disconnect(up: Stack, tmp_path: Path) -> None:
     states = [line for line in app.lines if line["show"] == "order"]
     assert states[-1]["state"] == final.state == "delivered"
     assert not [line for line in app.lines if line["show"] == "error"]
+    # fishim learnt the phone's cursor from its syncs (the first one, and the one after the cut)
+    (device,) = devices
+    assert device.syncs >= 2 and 0 < device.cursor <= device.served
