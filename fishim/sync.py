@@ -36,7 +36,15 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from fishim.config import Config
-from fishim.messages import ErrorCode, ErrorMessage, Rejected, SyncRequest, parse_json, schema_error
+from fishim.messages import (
+    ErrorCode,
+    ErrorMessage,
+    Rejected,
+    SyncRequest,
+    parse_json,
+    peek_identity,
+    schema_error,
+)
 from fishim.store import DeviceRow, Store, now_ms
 from fishim.topics import Channel, TopicRef, Topics
 
@@ -132,7 +140,7 @@ class SyncServer:
         return request
 
     def _refuse(self, ref: TopicRef, payload: bytes, rejected: Rejected) -> list[tuple[str, bytes]]:
-        request_id = _request_id(payload)
+        request_id = peek_identity(payload)[0]  # so an error can name the request it refuses
         log.warning("sync refused user=%s client=%s error=%s detail=%s", ref.user, ref.client_id,
                     rejected.code.value, rejected.detail)
         if self.on_reject is not None:
@@ -303,13 +311,3 @@ def _collapse_locations(rows: list[Row]) -> list[Row]:
 
 def _column_orders(conn: sqlite3.Connection, column: str, user: str) -> set[str]:
     return {r[0] for r in conn.execute(f"SELECT id FROM orders WHERE {column}=?", (user,))}
-
-
-def _request_id(payload: bytes) -> str | None:
-    """The request's ``id`` if it is readable, so an error can name the request it refuses."""
-    try:
-        data = json.loads(payload)
-    except (UnicodeDecodeError, ValueError):
-        return None
-    ident = data.get("id") if isinstance(data, dict) else None
-    return ident if isinstance(ident, str) and 0 < len(ident) <= 64 else None
