@@ -265,6 +265,10 @@ def test_bad_config_is_one_line_naming_key_and_file(tmp_path: Path) -> None:
     # found through FISHIM_CONFIG too, for every command
     proc = subprocess_cli("stats", env={"FISHIM_CONFIG": str(config)})
     assert proc.returncode == 2 and proc.stderr.startswith(f"fishim: {config}: limits.max_payload:")
+    config.write_text("limits:\n  max_paylod: 64k\n", encoding="utf-8")  # a typo gets a "did you mean"
+    proc = subprocess_cli("-c", str(config), "stats")
+    assert proc.returncode == 2
+    assert proc.stderr == f"fishim: {config}: limits.max_paylod: unknown key (did you mean 'max_payload'?)\n"
 
 
 def test_missing_store_is_one_line(tmp_path: Path) -> None:
