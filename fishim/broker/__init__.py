@@ -74,7 +74,7 @@ class Authorizer(Protocol):
 class LoopbackAnonymous:
     """Anyone on a loopback listener, as an anonymous principal; nobody on any other listener.
 
-    DESIGN.md: with no users in the store the broker accepts anonymous clients on loopback only,
+    docs/protocol.md: with no users in the store the broker accepts anonymous clients on loopback only,
     as Mosquitto 2 does. Credentials, if sent, are ignored (there is nothing to check them against).
     """
 
