@@ -786,6 +786,32 @@ def mosquitto_acl(ctx: Ctx, out: Path, passwords_stdin: bool) -> None:
                    f"{', '.join(files.without_password)}", err=True)
 
 
+@main.command("mosquitto-merge")
+@click.option("--out", required=True, type=click.Path(path_type=Path, file_okay=False),
+              help="Directory for the merged `acl` and `passwd` files (created if missing).")
+@click.argument("shops", nargs=-1, required=True, type=click.Path(path_type=Path, file_okay=False, exists=True))
+def mosquitto_merge(out: Path, shops: tuple[Path, ...]) -> None:
+    """Merge several shops' `fishim mosquitto-acl` directories into one, for one Mosquitto that
+    carries them all (docs/tenants.md). Refuses account names used by two shops and prefixes that
+    overlap; each shop keeps its own prefix, store and bridge.
+
+    \b
+    Example:
+      fishim -c shop1.yaml mosquitto-acl --out /etc/fishim/shop1 --passwords-stdin < shop1.pw
+      fishim -c shop2.yaml mosquitto-acl --out /etc/fishim/shop2 --passwords-stdin < shop2.pw
+      fishim mosquitto-merge --out /etc/mosquitto/fishim /etc/fishim/shop1 /etc/fishim/shop2
+    """
+    from fishim.mosquitto_acl import MergeError, merge_mosquitto_files
+
+    try:
+        files = merge_mosquitto_files(list(shops), out)
+    except MergeError as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(f"cannot merge into {out}: {exc.strerror or exc}")
+    click.echo(f"wrote {files.acl} and {files.passwd} for {len(shops)} shops")
+
+
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []})
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def bench(args: tuple[str, ...]) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_CONFIG = Path("broker.yaml")
 NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
@@ -177,6 +177,24 @@ class Config(_Strict):
     broker: BrokerSettings = BrokerSettings()
     bridge: BridgeConfig = BridgeConfig()
     logging: LoggingConfig = LoggingConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bridge_names_per_prefix(cls, data: Any) -> Any:
+        """A shop with its own prefix gets its own bridge client id and account by default.
+
+        Several shops may share one broker (docs/tenants.md), where MQTT client ids and usernames are
+        global: two bridges on the same default client id would share one persistent session, and each
+        would acknowledge, and so take from the other, messages of the other shop. ``fishim`` keeps
+        the plain names, so a single shop is unchanged.
+        """
+        if not isinstance(data, dict) or data.get("prefix", "fishim") == "fishim":
+            return data
+        bridge = data.get("bridge") or {}
+        if not isinstance(bridge, dict) or not isinstance(data["prefix"], str):
+            return data
+        name = f"fishim-bridge-{data['prefix'].replace('/', '-')}"[:64]
+        return {**data, "bridge": {"client_id": name, "username": name, **bridge}}
 
     @property
     def listener(self) -> ListenerConfig:
