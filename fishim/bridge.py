@@ -26,7 +26,6 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, fields
-from pathlib import Path
 from types import FrameType
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -37,7 +36,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from fishim.config import Config
 from fishim.ingest import Inbound, Kind, Work, Writer, set_synchronous
 from fishim.messages import Rejected, peek_identity
-from fishim.store import Store, now_ms
+from fishim.store import Store, StoreError, now_ms, open_store
 from fishim.sync import SyncServer
 from fishim.topics import TopicRef, Topics
 
@@ -135,7 +134,9 @@ class Bridge:
         self.config = config
         self.topics = Topics(config.prefix)
         given = BrokerTarget.parse(broker_url) if broker_url else None  # bad URL: fail before any I/O
-        self.store = Store(config.store.path)
+        # On PostgreSQL this waits for the writer lock: a standby bridge stays here, off the broker
+        # (it shares the active one's client id and session), until the active one's session ends.
+        self.store = open_store(config.store.target, writer=True, lock_timeout=config.store.lock_timeout)
         # store.synchronous (default FULL): a COMMIT, hence a PUBACK, also survives power loss.
         # With group commit that is one fsync per batch, not per message.
         set_synchronous(self.store, config.store.synchronous)
@@ -169,6 +170,9 @@ class Bridge:
         service = self.config.bridge.username
         if given is not None and (given.username != service or given.password is not None):
             return given
+        if self.config.store.url is not None:
+            raise ValueError("with store.url (PostgreSQL) give the bridge's broker account in --broker "
+                             "(mqtt://USER:PASS@HOST:PORT): its secret file only exists beside a SQLite store")
         from fishim.auth import service_credentials  # argon2 at import: only when it is needed
 
         user, secret = service_credentials(self.store, service)
@@ -452,7 +456,7 @@ class Bridge:
     # -- sync worker ----------------------------------------------------------------------------
 
     def _run_sync(self) -> None:
-        server = SyncServer(Path(self.store.path), self.config, on_reject=self._sync_refused)
+        server = SyncServer(self.store.target, self.config, on_reject=self._sync_refused)
         try:
             while (item := self._sync_q.get()) is not _STOP:
                 try:
@@ -471,7 +475,7 @@ class Bridge:
     def _sync_refused(self, ref: TopicRef, payload: bytes, error: Rejected) -> None:
         """SyncServer's hook, on the sync thread: dead-letter the request (it logs and answers itself)."""
         if self._letters is None:
-            self._letters = Store(self.store.path)
+            self._letters = open_store(self.store.target)
         ident, _sender = peek_identity(payload)
         self._letters.add_deadletter(self.writer.dead_letter(now_ms(), self.topics.sync_request(
             ref.user or "-", ref.client_id or "-"), payload, ref.user, ident, error.code.value, error.detail))
@@ -509,7 +513,7 @@ def run_bridge(config: Config, broker_url: str | None = None) -> int:
     """``fishim bridge``: run until SIGTERM/SIGINT, then stop gracefully. Returns the exit code."""
     try:
         bridge = Bridge(config, broker_url)
-    except (ValueError, OSError, sqlite3.Error) as exc:
+    except (ValueError, OSError, sqlite3.Error, StoreError) as exc:
         log.error("bridge not started: %s", exc)
         return 2
     wake = threading.Event()

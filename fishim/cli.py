@@ -52,7 +52,9 @@ class Ctx:
         """Apply --bind/--db style overrides on top of the file and the env."""
         data = self.config.model_dump()
         if changes.get("db"):
-            data["store"]["path"] = changes["db"]
+            from fishim.config import store_override
+
+            data["store"] = store_override(data["store"], changes["db"])
         if changes.get("bind"):
             data["listeners"][0]["bind"] = changes["bind"]
         try:
@@ -90,9 +92,9 @@ def main(ctx: click.Context, config_path: Path | None) -> None:
 
 @main.command()
 @click.option("--bind", help="HOST:PORT for the MQTT listener (env FISHIM_BIND).")
-@click.option("--db", type=click.Path(path_type=Path), help="SQLite store path (env FISHIM_DB).")
+@click.option("--db", help="SQLite store path, or a postgresql:// URL (env FISHIM_DB).")
 @pass_ctx
-def up(ctx: Ctx, bind: str | None, db: Path | None) -> None:
+def up(ctx: Ctx, bind: str | None, db: str | None) -> None:
     """Run the embedded broker with its durable ingest: every message on the order tree is
     validated and committed to the store before it is routed or acknowledged, and sync
     requests are answered from the same process.
@@ -110,9 +112,9 @@ def up(ctx: Ctx, bind: str | None, db: Path | None) -> None:
 
 @main.command()
 @click.option("--bind", help="HOST:PORT for the MQTT listener (env FISHIM_BIND).")
-@click.option("--db", type=click.Path(path_type=Path), help="SQLite store path (env FISHIM_DB).")
+@click.option("--db", help="SQLite store path, or a postgresql:// URL (env FISHIM_DB).")
 @pass_ctx
-def broker(ctx: Ctx, bind: str | None, db: Path | None) -> None:
+def broker(ctx: Ctx, bind: str | None, db: str | None) -> None:
     """Run only the embedded broker, as a plain MQTT broker with fishim's accounts and ACL,
     for a `fishim bridge` run separately (then the bridge's guarantee holds, as behind Mosquitto).
 
@@ -129,9 +131,9 @@ def broker(ctx: Ctx, bind: str | None, db: Path | None) -> None:
 
 @main.command()
 @click.option("--broker", "broker_url", help="mqtt://[user:pass@]HOST:PORT (default: the embedded broker).")
-@click.option("--db", type=click.Path(path_type=Path), help="SQLite store path (env FISHIM_DB).")
+@click.option("--db", help="SQLite store path, or a postgresql:// URL (env FISHIM_DB).")
 @pass_ctx
-def bridge(ctx: Ctx, broker_url: str | None, db: Path | None) -> None:
+def bridge(ctx: Ctx, broker_url: str | None, db: str | None) -> None:
     """Run only the bridge: persist, validate, serve sync.
 
     \b
@@ -169,14 +171,14 @@ def users_add(ctx: Ctx, name: str, role: str, password_stdin: bool) -> None:
       echo 's3cret' | fishim users add rider7 --role rider --password-stdin
     """
     from fishim.auth import UserError, add_user
-    from fishim.store import Store
+    from fishim.store import StoreError, open_store
 
     password = sys.stdin.readline().rstrip("\r\n") if password_stdin else click.prompt(
         "Password", hide_input=True, confirmation_prompt=True)
     try:
-        with Store(ctx.config.store.path) as store:
+        with open_store(ctx.config.store.target) as store:
             add_user(store, name, role, password)
-    except UserError as exc:
+    except (UserError, StoreError) as exc:
         fail(str(exc))
     click.echo(f"user {name} saved (role {role})")
 
@@ -193,10 +195,10 @@ def users_list(ctx: Ctx, as_json: bool) -> None:
     """
     import json
 
-    from fishim.store import Store, StoreError
+    from fishim.store import StoreError, open_store
 
     try:
-        with Store(ctx.config.store.path, readonly=True) as store:
+        with open_store(ctx.config.store.target, readonly=True) as store:
             rows = [{"name": u.name, "role": u.role, "created_at": u.created_at} for u in store.users()]
     except StoreError as exc:
         fail(str(exc))
@@ -217,9 +219,13 @@ def users_remove(ctx: Ctx, name: str) -> None:
     Example:
       fishim users remove rider7
     """
-    from fishim.store import Store
+    from fishim.store import StoreError, open_store
 
-    with Store(ctx.config.store.path) as store:
+    try:
+        store = open_store(ctx.config.store.target)
+    except StoreError as exc:
+        fail(str(exc))
+    with store:
         if not store.remove_user(name):
             fail(f"no user {name!r}")
     click.echo(f"user {name} removed")
@@ -244,19 +250,19 @@ def now_ms() -> int:
 @contextmanager
 def reading(ctx: Ctx) -> Iterator[Store]:
     """The store, read-only, with every way it can be unusable turned into one line and exit 2."""
-    from fishim.store import Store, StoreError
+    from fishim.store import StoreError, open_store
 
     path = ctx.config.store.path
-    if not path.exists():
+    if ctx.config.store.url is None and not path.exists():
         where = ctx.config_path or os.environ.get("FISHIM_CONFIG") or "broker.yaml"
         fail(f"no store at {path}: start `fishim up` first, or point FISHIM_DB or store.path in {where} at it")
     try:
-        store = Store(path, readonly=True)
+        store = open_store(ctx.config.store.target, readonly=True)
     except (StoreError, sqlite3.Error) as exc:
-        fail(f"cannot open store {path}: {exc}")
+        fail(str(exc) if ctx.config.store.url else f"cannot open store {path}: {exc}")
     try:
         yield store
-    except sqlite3.Error as exc:
+    except store.errors as exc:
         fail(f"cannot read store {path}: {exc} (is it a fishim store?)")
     finally:
         store.close()
@@ -674,7 +680,7 @@ def replay(ctx: Ctx, user: str, since: int | None, client_id: str | None, order_
         request["orders"] = list(order_ids)
     with reading(ctx) as store:
         known = store.get_user(user)
-        server = SyncServer(store.path, ctx.config, on_device=lambda _device: None)  # a look, not a device
+        server = SyncServer(store.target, ctx.config, on_device=lambda _device: None)  # a look, not a device
         try:
             replies = server.handle(TopicRef(channel=Channel.SYNC_REQUEST, user=user, client_id=client_id),
                                     json.dumps(request).encode())

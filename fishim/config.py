@@ -131,10 +131,20 @@ class ListenerConfig(_Strict):
 
 class StoreConfig(_Strict):
     path: Path = Path("fishim.db")
+    # PostgreSQL instead of the SQLite file (postgresql://USER[:PASS]@HOST:PORT/DB): for bridges on
+    # several machines sharing one store, one active and the others standing by (docs/postgres.md).
+    url: str | None = Field(default=None, pattern=r"^postgres(ql)?://")
+    # How long a dead writer's PostgreSQL session may keep the writer lock (server-side keepalives).
+    lock_timeout: Duration = Field(default=10.0, ge=2, le=600)
     # SQLite's PRAGMA synchronous for the writer (WAL mode). FULL (default): a PUBACKed message
     # survives kill -9 AND power loss (one fsync per group commit). NORMAL: survives kill -9 of
     # fishim (the OS has the WAL), may lose the last commits on power loss. OFF: neither, for tests.
     synchronous: Literal["OFF", "NORMAL", "FULL", "EXTRA"] = "FULL"
+
+    @property
+    def target(self) -> Path | str:
+        """What :func:`fishim.store.open_store` opens: the URL if set, else the SQLite path."""
+        return self.url or self.path
 
 
 class Limits(_Strict):
@@ -222,10 +232,18 @@ def load_config(path: Path | str | None = None, env: dict[str, str] | None = Non
     data = _read_yaml(file) if explicit or file.exists() else {}
     if "FISHIM_DB" in env:
         data.setdefault("store", {})
-        data["store"] = {**_mapping(data["store"], file, "store"), "path": env["FISHIM_DB"]}
+        data["store"] = store_override(_mapping(data["store"], file, "store"), env["FISHIM_DB"])
     if "FISHIM_BIND" in env:
         data["listeners"] = _override_bind(data.get("listeners"), env["FISHIM_BIND"], file)
     return _validate(data, file)
+
+
+def store_override(store: dict[str, Any], value: str | Path) -> dict[str, Any]:
+    """``FISHIM_DB`` / ``--db``: a SQLite path, or a ``postgresql://`` URL; either replaces the other."""
+    text = str(value)
+    if text.startswith(("postgresql://", "postgres://")):
+        return {**store, "url": text}
+    return {**store, "path": text, "url": None}
 
 
 def _read_yaml(file: Path) -> dict[str, Any]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -41,7 +40,7 @@ from fishim.messages import (
     near_misses,
     peek_identity,
 )
-from fishim.store import DeadLetter, EventRow, OrderRow, Store, now_ms
+from fishim.store import DeadLetter, EventRow, OrderRow, Store, StoreFenced, now_ms
 from fishim.topics import ORDER_CHANNELS, Channel, TopicError, TopicRef, Topics, is_name, matches
 
 log = logging.getLogger("fishim.ingest")
@@ -265,21 +264,24 @@ class Writer:
     def flush(self, batch: list[Inbound], stopping: threading.Event) -> list[tuple[list[Inbound], Work]]:
         """Commit ``batch``, retrying while SQLite is unavailable; the commits made, in order.
 
-        A transient SQLite error (busy, disk full) retries with backoff until ``stopping`` is set
+        A transient database error (busy, disk full) retries with backoff until ``stopping`` is set
         (then nothing is committed: nothing acknowledged, so the publishers send again). Any other
         failure is a bug or a poison message: the batch is split so one message cannot hold up the
-        rest, and a single message that still fails is dead-lettered as ``internal``.
+        rest, and a single message that still fails is dead-lettered as ``internal``. A store that lost
+        the writer lock (:class:`~fishim.store.StoreFenced`) raises at once.
         """
         backoff = 0.1
         while True:
             try:
                 return [(batch, self.commit(batch))]
-            except sqlite3.OperationalError as exc:
+            except self.store.transient_errors as exc:
                 self.forget()
                 log.error("commit failed error=%s messages=%d retry_in=%.1fs", exc, len(batch), backoff)
                 if stopping.wait(backoff):
                     return []
                 backoff = min(backoff * 2, 5.0)
+            except StoreFenced:
+                raise  # another process is the writer now: write nothing, acknowledge nothing
             except Exception:
                 self.forget()
                 if len(batch) > 1:
@@ -288,7 +290,7 @@ class Writer:
                 log.exception("message failed topic=%s", mask(batch[0].topic))
                 try:
                     return [(batch, self._quarantine(batch[0]))]
-                except sqlite3.Error as exc:
+                except self.store.errors as exc:
                     log.error("dead letter failed topic=%s error=%s (left unacknowledged)", mask(batch[0].topic), exc)
                     return []
 

@@ -242,11 +242,43 @@ class StoreError(Exception):
     """The store file is missing or unusable; ``str()`` is one line for the CLI."""
 
 
+class StoreFenced(StoreError):
+    """This process no longer holds the writer lock (PostgreSQL): it must not write again."""
+
+
+StoreTarget = Path | str
+"""Where a store lives: a SQLite file path, or a ``postgresql://`` URL (:mod:`fishim.pgstore`)."""
+
+
+def is_postgres_url(target: object) -> bool:
+    return isinstance(target, str) and target.startswith(("postgresql://", "postgres://"))
+
+
+def open_store(target: StoreTarget, *, readonly: bool = False, writer: bool = False,
+               lock_timeout: float = 10.0) -> Store:
+    """The store at ``target``: SQLite by default, PostgreSQL for a ``postgresql://`` URL.
+
+    ``writer``: this process is to be the store's single writer. On SQLite that is a matter of
+    deployment (one machine, one bridge); on PostgreSQL it blocks until this process holds the writer
+    lock, which a standby bridge on another machine waits for.
+    """
+    if is_postgres_url(target):
+        from fishim.pgstore import PgStore  # psycopg is imported only for a PostgreSQL store
+
+        return PgStore(str(target), readonly=readonly, writer=writer, lock_timeout=lock_timeout)
+    return Store(target, readonly=readonly)
+
+
 class Store:
     """Typed access to the fishim SQLite file."""
 
+    # Errors worth retrying a commit on (busy, disk full), and every error the database can raise.
+    transient_errors: tuple[type[Exception], ...] = (sqlite3.OperationalError,)
+    errors: tuple[type[Exception], ...] = (sqlite3.Error,)
+
     def __init__(self, path: Path | str, *, readonly: bool = False) -> None:
         self.path = Path(path)
+        self.target: StoreTarget = self.path
         self.readonly = readonly
         self.conn = self._connect()
         if not readonly:

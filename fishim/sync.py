@@ -45,7 +45,7 @@ from fishim.messages import (
     peek_identity,
     schema_error,
 )
-from fishim.store import DeviceRow, Store, now_ms
+from fishim.store import DeviceRow, Store, StoreTarget, is_postgres_url, now_ms, open_store
 from fishim.topics import Channel, TopicRef, Topics
 
 __all__ = ["COLLAPSIBLE", "SyncServer"]
@@ -73,7 +73,7 @@ class SyncServer:
     """Builds sync replies from the store; thread-safe (one read-only connection per thread).
 
     Args:
-        store_path: the SQLite file the bridge writes.
+        store_path: the store the bridge writes: a SQLite file, or a ``postgresql://`` URL.
         config: ``prefix``, ``limits.sync_page_events``, ``limits.sync_page_bytes``, ``limits.max_payload``.
         max_events: at most this many events per request, so one ``since: 0`` from a staff account on
             a large store cannot hold gigabytes in memory; a reply cut there has ``"more": true`` on its
@@ -83,9 +83,9 @@ class SyncServer:
             None: this server writes it to the store itself.
     """
 
-    def __init__(self, store_path: Path, config: Config, *, max_events: int = 50_000,
+    def __init__(self, store_path: StoreTarget, config: Config, *, max_events: int = 50_000,
                  on_reject: RejectHook | None = None, on_device: DeviceHook | None = None) -> None:
-        self.store_path = Path(store_path)
+        self.store_path = store_path if is_postgres_url(store_path) else Path(store_path)
         self.config = config
         self.topics = Topics(config.prefix)
         self.max_events = max_events
@@ -267,7 +267,7 @@ class SyncServer:
     def _record_device(self, device: DeviceRow) -> None:
         writer: Store | None = getattr(self._local, "writer", None)
         if writer is None:
-            writer = self._local.writer = Store(self.store_path)
+            writer = self._local.writer = open_store(self.store_path)
             with self._lock:
                 self._stores.append(writer)
         writer.record_device(device.user, device.client_id, device.cursor, device.served, device.last_seen)
@@ -275,7 +275,7 @@ class SyncServer:
     def _store(self) -> Store:
         store: Store | None = getattr(self._local, "store", None)
         if store is None:
-            store = Store(self.store_path, readonly=True)
+            store = open_store(self.store_path, readonly=True)
             self._local.store = store
             with self._lock:
                 self._stores.append(store)

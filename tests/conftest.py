@@ -7,6 +7,7 @@ from __future__ import annotations
 # its own event-loop thread. paho: paho-mqtt clients recording CONNACK/SUBACK/messages, always closed.
 # raw_mqtt + wire: a socket-level MQTT 3.1.1 client and packet builders for crafting bad packets.
 import asyncio
+import os as _os
 import queue
 import socket
 import struct
@@ -22,6 +23,7 @@ import pytest
 
 from fishim.broker import EmbeddedBroker
 from fishim.config import BrokerSettings, Config, Limits, ListenerConfig
+from fishim.testing.postgres import Postgres, find_postgres
 
 _T = TypeVar("_T")
 
@@ -416,3 +418,39 @@ def secure_broker_factory() -> Iterator[Callable[..., BrokerThread]]:
         authenticator.close()
         acl.close()
 # ==== end of security fixtures ======================================================================
+
+
+# ==== PostgreSQL (fishim/pgstore.py; tests/test_store.py, tests/test_pg_failover.py) ==============
+# postgres: one throwaway server for the whole run (started on first use, stopped at the end);
+# pg_url(name): a fresh empty database on it. Skipped with the reason when Debian's postgresql or
+# psycopg is missing, except in CI (CI=true), where that is a failure: scripts/test installs both.
+def _postgres_missing() -> str | None:
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        return "psycopg not installed (pip install -e '.[test]')"
+    if find_postgres() is None:
+        return "Debian postgresql not installed (scripts/test installs it when run as root)"
+    return None
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    missing = _postgres_missing()
+    if missing is not None:
+        if _os.environ.get("CI") == "true":
+            pytest.fail(f"PostgreSQL tests must run in CI: {missing}")
+        pytest.skip(missing)
+    with Postgres() as server:
+        yield server
+
+
+@pytest.fixture
+def pg_url(postgres: Postgres, request: pytest.FixtureRequest) -> Callable[[str], str]:
+    """``pg_url(name)``: the URL of a fresh empty database (unique per test)."""
+    base = "".join(c if c.isalnum() else "_" for c in request.node.name.lower())[:40]
+
+    def make(name: str = "db") -> str:
+        return postgres.create_database(f"{base}_{name}")
+
+    return make
