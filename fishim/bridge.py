@@ -526,7 +526,7 @@ def run_bridge(config: Config, broker_url: str | None = None) -> int:
     try:
         bridge.start()
         while not wake.wait(1.0):
-            if bridge.fatal.is_set():
+            if bridge.fatal.is_set() or bridge.store.lost_lock():  # a standby may be the writer now
                 bridge.stop()
                 return 1
         bridge.stop()

@@ -23,6 +23,7 @@ import functools
 import logging
 import re
 import sqlite3
+import threading
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -110,12 +111,14 @@ class _PgConnection:
             sql = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"  # one snapshot for a sync's scan
         if self.raw.broken or self.raw.closed:
             if self.store.writer:
+                self.store._fenced.set()
                 raise StoreFenced("the writer's PostgreSQL session (and its lock) is gone; not writing")
             self.raw = self.store.open_raw()
         try:
             return self.raw.execute(translate(sql), params or None, prepare=False)
         except psycopg.OperationalError as exc:
             if self.store.writer and self.raw.broken:
+                self.store._fenced.set()
                 raise StoreFenced(f"the writer's PostgreSQL session ended ({exc}); not writing") from exc
             raise
 
@@ -141,8 +144,10 @@ class PgStore(Store):
         self.transient_errors = (sqlite3.OperationalError, psycopg.OperationalError)
         self.errors = (sqlite3.Error, psycopg.Error)
         self.conn = _PgConnection(self)  # type: ignore[assignment]
+        self._fenced = threading.Event()
         if writer:
             self._take_lock()
+            threading.Thread(target=self._heartbeat, name="fishim-pg-lock", daemon=True).start()
         if not readonly:
             self.migrate()
 
@@ -177,7 +182,35 @@ class PgStore(Store):
         if not (held and held[0]):
             log.warning("standby: another bridge holds the writer lock of %s; waiting for it", self.path)
             self.conn.raw.execute("SELECT pg_advisory_lock(%s)", (key,))
+        # A holder that stops talking (hung, stopped, cut off) loses its session, hence the lock, after
+        # lock_timeout; the heartbeat keeps a live but idle holder's session open.
+        timeout_ms = int(self.lock_timeout * 1000)
+        self.conn.raw.execute(f"SET idle_session_timeout = {timeout_ms}")
+        self.conn.raw.execute(f"SET idle_in_transaction_session_timeout = {timeout_ms}")
         log.info("writer lock acquired store=%s key=%d", self.path, key)
+
+    def _heartbeat(self) -> None:
+        """Every lock_timeout/4, a statement on the lock session; the first failure fences this store."""
+        raw = self.conn.raw
+        while not self._fenced.wait(self.lock_timeout / 4):
+            if raw.closed:
+                return  # closed by us
+            try:
+                raw.execute("SELECT 1")
+            except psycopg.Error as exc:
+                if raw.broken:  # the session is gone, and the lock with it
+                    log.error("writer lock lost store=%s error=%s; this process must not write again",
+                              self.path, str(exc).strip())
+                    self._fenced.set()
+                elif raw.closed:
+                    return
+
+    def lost_lock(self) -> bool:
+        return self._fenced.is_set()
+
+    def close(self) -> None:
+        self._fenced.set()  # stops the heartbeat; a closed writer writes no more either
+        self.conn.close()
 
     def holds_lock(self) -> bool:
         """True while this store's session still holds the writer lock."""

@@ -309,6 +309,10 @@ class Store:
     def close(self) -> None:
         self.conn.close()
 
+    def lost_lock(self) -> bool:
+        """True once this writer may no longer write (PostgreSQL's writer lock is gone; never on SQLite)."""
+        return False
+
     def __enter__(self) -> Store:
         return self
 
