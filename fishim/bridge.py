@@ -24,7 +24,7 @@ import sqlite3
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from types import FrameType
 from typing import Any
@@ -75,6 +75,15 @@ class BrokerTarget:
     def __str__(self) -> str:
         who = f"{self.username}@" if self.username else ""
         return f"mqtt://{who}{self.host}:{self.port}"
+
+
+def parse_brokers(urls: str | Sequence[str]) -> list[BrokerTarget]:
+    """The nodes of one (clustered) broker: URLs given as a list and/or comma-separated."""
+    items = [urls] if isinstance(urls, str) else list(urls)
+    parts = [part.strip() for item in items for part in item.split(",") if part.strip()]
+    if not parts:
+        raise ValueError("no broker URL given")
+    return [BrokerTarget.parse(part) for part in parts]
 
 
 @dataclass
@@ -128,19 +137,22 @@ class Bridge:
 
     ``broker_url`` is ``mqtt://[user:pass@]HOST:PORT``; without it the bridge connects to
     ``config.listener`` with its provisioned service account (:func:`fishim.auth.service_credentials`).
+    Several URLs (a list, or comma-separated) are the nodes of one clustered broker: the bridge
+    moves to the next one whenever its connection fails or drops, round robin.
     """
 
-    def __init__(self, config: Config, broker_url: str | None = None) -> None:
+    def __init__(self, config: Config, broker_url: str | Sequence[str] | None = None) -> None:
         self.config = config
         self.topics = Topics(config.prefix)
-        given = BrokerTarget.parse(broker_url) if broker_url else None  # bad URL: fail before any I/O
+        given = parse_brokers(broker_url) if broker_url else [None]  # bad URL: fail before any I/O
         # On PostgreSQL this waits for the writer lock: a standby bridge stays here, off the broker
         # (it shares the active one's client id and session), until the active one's session ends.
         self.store = open_store(config.store.target, writer=True, lock_timeout=config.store.lock_timeout)
         # store.synchronous (default FULL): a COMMIT, hence a PUBACK, also survives power loss.
         # With group commit that is one fsync per batch, not per message.
         set_synchronous(self.store, config.store.synchronous)
-        self.target = self._resolve(given)
+        self.targets = [self._resolve(one) for one in given]
+        self.target = self.targets[0]
         self.service_user = self.target.username or config.bridge.username
         self.stats = BridgeStats()
         self.fatal = threading.Event()  # the writer died: run_bridge exits non-zero
@@ -199,6 +211,7 @@ class Bridge:
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_subscribe = self._on_subscribe
+        client.on_connect_fail = self._on_connect_fail
         return client
 
     def start(self) -> None:
@@ -285,6 +298,30 @@ class Bridge:
         self._offline.set()
         if rc.is_failure and not self._stopping.is_set():
             log.warning("disconnected broker=%s reason=%s (reconnecting)", self.target, rc)
+            self._next_target()
+
+    def _on_connect_fail(self, _c: mqtt.Client, _u: Any) -> None:
+        if not self._stopping.is_set():
+            log.warning("cannot reach broker=%s (trying %s)", self.target,
+                        "the next node" if len(self.targets) > 1 else "again")
+            self._next_target()
+
+    def _next_target(self) -> None:
+        """Fail over to the next node of a clustered broker (paho reconnects to it after its delay).
+
+        The session is the cluster's, under the same client id: un-acknowledged messages come back on
+        whichever node holds it, and their envelope ``id`` makes a redelivery a no-op.
+        """
+        if len(self.targets) < 2:
+            return
+        self.target = self.targets[(self.targets.index(self.target) + 1) % len(self.targets)]
+        client = self._client
+        try:  # paho 2 reconnects to host/port; they are settable once the old socket is closed
+            client.host, client.port = self.target.host, self.target.port
+        except RuntimeError:  # still closing (a callback before the socket is gone): same effect
+            client._host, client._port = self.target.host, self.target.port
+        if self.target.username is not None:
+            client.username_pw_set(self.target.username, self.target.password)
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         try:
@@ -509,7 +546,7 @@ def _kv(stats: BridgeStats) -> str:
     return " ".join(f"{f.name}={getattr(stats, f.name)}" for f in fields(stats))
 
 
-def run_bridge(config: Config, broker_url: str | None = None) -> int:
+def run_bridge(config: Config, broker_url: str | Sequence[str] | None = None) -> int:
     """``fishim bridge``: run until SIGTERM/SIGINT, then stop gracefully. Returns the exit code."""
     try:
         bridge = Bridge(config, broker_url)

@@ -130,21 +130,24 @@ def broker(ctx: Ctx, bind: str | None, db: str | None) -> None:
 
 
 @main.command()
-@click.option("--broker", "broker_url", help="mqtt://[user:pass@]HOST:PORT (default: the embedded broker).")
+@click.option("--broker", "broker_url", multiple=True,
+              help="mqtt://[user:pass@]HOST:PORT (default: the embedded broker). Repeat it, or separate URLs "
+                   "with commas, for the nodes of a clustered broker: the bridge fails over between them.")
 @click.option("--db", help="SQLite store path, or a postgresql:// URL (env FISHIM_DB).")
 @pass_ctx
-def bridge(ctx: Ctx, broker_url: str | None, db: str | None) -> None:
+def bridge(ctx: Ctx, broker_url: tuple[str, ...], db: str | None) -> None:
     """Run only the bridge: persist, validate, serve sync.
 
     \b
     Example:
       fishim bridge --broker mqtt://127.0.0.1:1883
+      fishim bridge --broker mqtt://node1:1883 --broker mqtt://node2:1883
     """
     from fishim.bridge import run_bridge
 
     config = ctx.override(db=db)
     _setup_logging(config)
-    sys.exit(run_bridge(config, broker_url))
+    sys.exit(run_bridge(config, list(broker_url) or None))
 
 
 @main.group()
