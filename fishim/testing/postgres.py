@@ -49,8 +49,9 @@ def _stop(pg_ctl: str, data: str) -> None:
 class Postgres:
     """A PostgreSQL server on ``127.0.0.1:port``; :meth:`url` gives a ``postgresql://`` URL per database."""
 
-    def __init__(self, *, bindir: Path | None = None, startup_timeout: float = 30.0) -> None:
+    def __init__(self, *, bindir: Path | None = None, durable: bool = False, startup_timeout: float = 30.0) -> None:
         self.bindir = bindir or find_postgres()
+        self.durable = durable  # False (tests): fsync=off. True (benchmarks): PostgreSQL's own defaults
         self.port = free_port()
         self.startup_timeout = startup_timeout
         self.root = Path(tempfile.mkdtemp(prefix="fishim-pg-"))
@@ -73,7 +74,7 @@ class Postgres:
                                       "-E", "UTF8", "--no-sync"]),
                        check=True, capture_output=True, timeout=120)
         options = (f"-c listen_addresses=127.0.0.1 -c port={self.port} -c unix_socket_directories={self.root}"
-                   " -c fsync=off -c max_connections=60 -c shared_buffers=32MB")
+                   " -c max_connections=60 -c shared_buffers=32MB" + ("" if self.durable else " -c fsync=off"))
         subprocess.run(_user_command([self._bin("pg_ctl"), "-D", str(self.data), "-l", str(self.log_path),
                                       "-o", options, "-w", "-t", str(int(self.startup_timeout)), "start"]),
                        check=True, capture_output=True, timeout=self.startup_timeout + 10)
