@@ -220,7 +220,7 @@ class Bridge:
             raise RuntimeError("bridge already started")
         self._started = True
         log.info("bridge starting broker=%s client_id=%s db=%s next_seq=%d", self.target,
-                 self.config.bridge.client_id, self.store.path, self.store.next_seq())
+                 self.config.bridge.client_id, self.store.label, self.store.next_seq())
         self._writer.start()
         self._syncer.start()
         self._client.connect_async(self.target.host, self.target.port, KEEPALIVE_S)

@@ -106,6 +106,7 @@ def up(ctx: Ctx, bind: str | None, db: str | None) -> None:
     from fishim.service import run_up
 
     config = ctx.override(bind=bind, db=db)
+    _embedded_store_only(config)
     _setup_logging(config)
     sys.exit(run_up(config))
 
@@ -125,8 +126,16 @@ def broker(ctx: Ctx, bind: str | None, db: str | None) -> None:
     from fishim.service import run_broker_only
 
     config = ctx.override(bind=bind, db=db)
+    _embedded_store_only(config)
     _setup_logging(config)
     sys.exit(run_broker_only(config))
+
+
+def _embedded_store_only(config: Config) -> None:
+    """The embedded broker keeps accounts and its ingest in SQLite; PostgreSQL is for `fishim bridge`."""
+    if config.store.url is not None:
+        fail("store.url (PostgreSQL) is for `fishim bridge` behind Mosquitto/EMQX/RabbitMQ; the embedded "
+             "broker uses store.path (SQLite): see docs/postgres.md")
 
 
 @main.command()
@@ -419,7 +428,7 @@ def orders_show(ctx: Ctx, order_id: str, as_json: bool) -> None:
 
     with reading(ctx) as store:
         data = order_show(store, order_id)
-        path = store.path
+        path = store.label
     if data is None:
         fail(f"no order {order_id!r} in {path} (see `fishim orders list`)")
     if as_json:
@@ -513,7 +522,7 @@ def orders_watch(ctx: Ctx, order_id: str | None, since_seq: int | None, count: i
         with reading(ctx) as store:
             cursor = store.max_seq() if since_seq is None else since_seq
             dead_cursor = 0 if since_seq == 0 else store.max_deadletter_id()  # they have no seq
-            click.echo(f"watching {store.path}{' order ' + order_id if order_id else ''} after seq {cursor} "
+            click.echo(f"watching {store.label}{' order ' + order_id if order_id else ''} after seq {cursor} "
                        "(Ctrl-C to stop)", err=True)
             while True:
                 lines: list[tuple[dict[str, Any], str]] = []

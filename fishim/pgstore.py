@@ -137,7 +137,8 @@ class PgStore(Store):
             raise StoreError("store.url is PostgreSQL but psycopg is not installed (pip install 'fishim[postgres]')")
         self.url = url
         self.target = url
-        self.path = Path(re.sub(r"//[^@/]*@", "//", url))  # for log lines only: never the password
+        self.label = re.sub(r"//[^@/]*@", "//", url)  # for messages and logs: never the user or password
+        self.path = Path(self.label)  # no file: only so code that logs store.path still works
         self.readonly = readonly
         self.writer = writer
         self.lock_timeout = lock_timeout
@@ -159,7 +160,7 @@ class PgStore(Store):
                                   keepalives=1, keepalives_idle=idle, keepalives_interval=interval,
                                   keepalives_count=3, application_name="fishim")
         except psycopg.OperationalError as exc:
-            raise StoreError(f"cannot connect to PostgreSQL {self.path}: {str(exc).strip()}") from None
+            raise StoreError(f"cannot connect to PostgreSQL {self.label}: {str(exc).strip()}") from None
         # The server notices a vanished client (power cut, cable) within ~lock_timeout and ends its
         # session, which releases the lock for the standby.
         raw.execute(f"SET tcp_keepalives_idle = {idle}")
@@ -180,14 +181,14 @@ class PgStore(Store):
         key = self.lock_key()
         held = self.conn.raw.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()
         if not (held and held[0]):
-            log.warning("standby: another bridge holds the writer lock of %s; waiting for it", self.path)
+            log.warning("standby: another bridge holds the writer lock of %s; waiting for it", self.label)
             self.conn.raw.execute("SELECT pg_advisory_lock(%s)", (key,))
         # A holder that stops talking (hung, stopped, cut off) loses its session, hence the lock, after
         # lock_timeout; the heartbeat keeps a live but idle holder's session open.
         timeout_ms = int(self.lock_timeout * 1000)
         self.conn.raw.execute(f"SET idle_session_timeout = {timeout_ms}")
         self.conn.raw.execute(f"SET idle_in_transaction_session_timeout = {timeout_ms}")
-        log.info("writer lock acquired store=%s key=%d", self.path, key)
+        log.info("writer lock acquired store=%s key=%d", self.label, key)
 
     def _heartbeat(self) -> None:
         """Every lock_timeout/4, a statement on the lock session; the first failure fences this store."""
@@ -200,7 +201,7 @@ class PgStore(Store):
             except psycopg.Error as exc:
                 if raw.broken:  # the session is gone, and the lock with it
                     log.error("writer lock lost store=%s error=%s; this process must not write again",
-                              self.path, str(exc).strip())
+                              self.label, str(exc).strip())
                     self._fenced.set()
                 elif raw.closed:
                     return
@@ -238,7 +239,7 @@ class PgStore(Store):
                     if statement.strip():
                         raw.execute(statement)
                 raw.execute("UPDATE fishim_schema SET version=%s", (target,))
-                log.info("store migrated url=%s version=%d", self.path, target)
+                log.info("store migrated url=%s version=%d", self.label, target)
 
     @property
     def schema_version(self) -> int:

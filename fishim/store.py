@@ -279,6 +279,7 @@ class Store:
     def __init__(self, path: Path | str, *, readonly: bool = False) -> None:
         self.path = Path(path)
         self.target: StoreTarget = self.path
+        self.label = str(self.path)  # how messages name this store
         self.readonly = readonly
         self.conn = self._connect()
         if not readonly:

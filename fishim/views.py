@@ -205,7 +205,7 @@ def stats(store: Store, now: int, broker: dict[str, Any] | None) -> dict[str, An
         "deadletters": store.count_deadletters(),
         "clients_connected": broker.get("clients_connected") if broker else None,
         "broker": broker,
-        "db_path": str(store.path),
+        "db_path": store.label,
         "db_bytes": store.file_bytes(),
     }
 
