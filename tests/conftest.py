@@ -22,6 +22,7 @@ import pytest
 
 from fishim.broker import EmbeddedBroker
 from fishim.config import BrokerSettings, Config, Limits, ListenerConfig
+from fishim.testing import packets
 
 _T = TypeVar("_T")
 
@@ -221,48 +222,6 @@ def paho() -> Iterator[Callable[..., Paho]]:
         client.close()
 
 
-def mqtt_string(value: str | bytes) -> bytes:
-    raw = value.encode("utf-8") if isinstance(value, str) else value
-    return struct.pack("!H", len(raw)) + raw
-
-
-def mqtt_packet(first_byte: int, body: bytes) -> bytes:
-    """Fixed header (type/flags byte + remaining length) + body."""
-    length, encoded = len(body), bytearray()
-    while True:
-        byte, length = length & 0x7F, length >> 7
-        encoded.append(byte | 0x80 if length else byte)
-        if not length:
-            return bytes([first_byte]) + bytes(encoded) + body
-
-
-def connect_packet(client_id: str, *, clean: bool = True, keepalive: int = 0, level: int = 4,
-                   will: tuple[str, bytes] | None = None, username: str | None = None,
-                   password: str | None = None, flags_extra: int = 0) -> bytes:
-    flags = (0x02 if clean else 0) | flags_extra
-    payload = mqtt_string(client_id)
-    if will is not None:
-        flags |= 0x04 | 0x08  # will, QoS 1
-        payload += mqtt_string(will[0]) + mqtt_string(will[1])
-    if username is not None:
-        flags |= 0x80
-        payload += mqtt_string(username)
-    if password is not None:
-        flags |= 0x40
-        payload += mqtt_string(password)
-    variable = mqtt_string("MQTT") + bytes([level, flags]) + struct.pack("!H", keepalive)
-    return mqtt_packet(0x10, variable + payload)
-
-
-def publish_packet(topic: str | bytes, payload: bytes, qos: int = 0, packet_id: int = 1) -> bytes:
-    body = mqtt_string(topic) + (struct.pack("!H", packet_id) if qos else b"") + payload
-    return mqtt_packet(0x30 | (qos << 1), body)
-
-
-def subscribe_packet(topic_filter: str | bytes, qos: int = 1, packet_id: int = 1) -> bytes:
-    return mqtt_packet(0x82, struct.pack("!H", packet_id) + mqtt_string(topic_filter) + bytes([qos]))
-
-
 @dataclass(frozen=True)
 class RawPacket:
     type: int
@@ -295,19 +254,19 @@ class RawMqtt:
 
     def connect(self, client_id: str, **kwargs: Any) -> tuple[bool, int]:
         """CONNECT and read CONNACK: (session_present, return code)."""
-        self.send(connect_packet(client_id, **kwargs))
+        self.send(packets.connect(client_id, **kwargs))
         packet = self.read()
         assert packet is not None and packet.type == 2, f"expected CONNACK, got {packet}"
         return bool(packet.body[0] & 1), packet.body[1]
 
     def subscribe(self, topic_filter: str, qos: int = 1, packet_id: int = 1) -> int:
-        self.send(subscribe_packet(topic_filter, qos, packet_id))
+        self.send(packets.subscribe(topic_filter, qos, packet_id))
         packet = self.read()
         assert packet is not None and packet.type == 9, f"expected SUBACK, got {packet}"
         return packet.body[2]
 
     def puback(self, packet_id: int) -> None:
-        self.send(mqtt_packet(0x40, struct.pack("!H", packet_id)))
+        self.send(packets.packet(0x40, struct.pack("!H", packet_id)))
 
     def read(self, timeout: float = 5.0) -> RawPacket | None:
         """The next packet, or None if the broker closed the connection."""
@@ -365,8 +324,8 @@ class RawMqtt:
 def wire() -> SimpleNamespace:
     """Packet builders for raw_mqtt tests: wire.connect(...), wire.publish(...), wire.subscribe(...),
     wire.packet(first_byte, body), wire.string(text_or_bytes)."""
-    return SimpleNamespace(connect=connect_packet, publish=publish_packet, subscribe=subscribe_packet,
-                           packet=mqtt_packet, string=mqtt_string)
+    return SimpleNamespace(connect=packets.connect, publish=packets.publish, subscribe=packets.subscribe,
+                           packet=packets.packet, string=packets.string)
 
 
 @pytest.fixture
