@@ -168,7 +168,7 @@ def test_silent_client_dropped_after_grace_times_keepalive_and_will_published(em
     will = watcher.get(timeout=5)  # the phone says nothing more
     elapsed = time.monotonic() - started
     assert will.payload == b'{"lost":true}'
-    assert 1.4 <= elapsed < 3.5, elapsed
+    assert elapsed >= 1.4, elapsed  # not before keepalive x grace (1 s x 1.5, less a poll's slack)
     assert phone.closed_by_broker(timeout=1)
     assert "keepalive_timeout client_id=rider-phone" in caplog.text
 
