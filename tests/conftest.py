@@ -7,6 +7,7 @@ from __future__ import annotations
 # its own event-loop thread. paho: paho-mqtt clients recording CONNACK/SUBACK/messages, always closed.
 # raw_mqtt + wire: a socket-level MQTT 3.1.1 client and packet builders for crafting bad packets.
 import asyncio
+import os
 import queue
 import socket
 import struct
@@ -25,6 +26,16 @@ from fishim.config import BrokerSettings, Config, Limits, ListenerConfig
 from fishim.testing import packets
 
 _T = TypeVar("_T")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """In CI (``CI=true``) a missing Mosquitto fails the run: its tests would otherwise only be skipped,
+    and a green run would say nothing about fishim behind Mosquitto."""
+    from fishim.testing.mosquitto import find_mosquitto
+
+    if os.environ.get("CI", "").lower() == "true" and find_mosquitto() is None:
+        raise pytest.UsageError("CI=true but Debian's mosquitto is not installed: the Mosquitto tests cannot run "
+                                "(scripts/test installs it when run as root)")
 
 
 class BrokerThread:
