@@ -43,6 +43,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "fishim bench") -> int:
     parser.add_argument("--quick", action="store_true", help="small counts, under a minute (rough figures)")
     parser.add_argument("--only", help="comma-separated sections to run (default: all)")
     parser.add_argument("--brokers", default=",".join(BROKERS), help="peers to compare (default: %(default)s)")
+    parser.add_argument("--peer", action="append", default=[], metavar="HOST:PORT",
+                        help="also measure an already running broker in the throughput section (repeatable)")
     parser.add_argument("--reps", type=int, help="repetitions per figure (default: 5 full, 3 quick)")
     parser.add_argument("--out", type=Path, default=Path("bench-out"), help="report directory (default: bench-out)")
     parser.add_argument("--markdown", type=Path, help="Markdown file to update (default: BENCHMARKS.md, "
@@ -64,7 +66,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "fishim bench") -> int:
         signal.signal(sig, interrupt)
     progress(f"fishim bench, {plan.name} mode: {', '.join(sections)}")
     try:
-        report = run_bench(plan, sections, brokers=brokers, out=args.out, keep=args.keep, command=command)
+        report = run_bench(plan, sections, brokers=brokers, out=args.out, keep=args.keep, command=command,
+                           peers=args.peer)
     except KeyboardInterrupt:
         progress("interrupted; children stopped")
         return 130

@@ -21,7 +21,7 @@ from fishim.bench.stacks import Bench
 
 
 def run_bench(plan: Plan, sections: Sequence[str], *, brokers: Sequence[str] = BROKERS, out: Path | None = None,
-              keep: bool = False, command: str = "") -> dict[str, Any]:
+              keep: bool = False, command: str = "", peers: Sequence[str] = ()) -> dict[str, Any]:
     """Run ``sections`` and return the report (also written to ``out/report.json``).
 
     ``own`` sections run one after another on brokers of their own; the ``live`` ones share the
@@ -30,7 +30,7 @@ def run_bench(plan: Plan, sections: Sequence[str], *, brokers: Sequence[str] = B
     out = (out or Path.cwd() / "bench-out").resolve()
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="fishim-bench-"))
-    b = Bench(plan, work, out, brokers)
+    b = Bench(plan, work, out, brokers, peers)
     started = time.monotonic()
     report: dict[str, Any] = {
         "meta": {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "mode": plan.name,

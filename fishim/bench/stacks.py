@@ -52,8 +52,10 @@ asyncio.run(main())
 class Bench:
     """One benchmark run: its plan, scratch and output directories, brokers to compare, publisher."""
 
-    def __init__(self, plan: Plan, work: Path, out: Path, brokers: Sequence[str]) -> None:
+    def __init__(self, plan: Plan, work: Path, out: Path, brokers: Sequence[str],
+                 peers: Sequence[str] = ()) -> None:
         self.plan = plan
+        self.peers = list(peers)  # HOST:PORT of brokers already running (EMQX, a fishim up): section 1 only
         self.work = work
         self.out = out
         self.brokers = [b for b in brokers if b != "mosquitto" or find_mosquitto() is not None]

@@ -11,6 +11,7 @@ from fishim.bench.measure import Sink, run_publisher
 from fishim.bench.payloads import cid
 from fishim.bench.plan import (
     BROKERS,
+    HOST,
     PAYLOAD_BYTES,
     PREFIX,
 )
@@ -42,6 +43,11 @@ def section_throughput(b: Bench) -> dict[str, Any]:
     runs: dict[tuple[str, int], list[dict[str, Any]]] = {(k, q): [] for k in kinds for q in (0, 1)}
     with b.brokers_up([(k, None, "tput") for k in kinds]) as endpoints:
         eps = dict(zip(kinds, endpoints, strict=True))
+        for spec in b.peers:  # already running: measured alike, started and stopped by someone else
+            host, _, port = spec.rpartition(":")
+            eps[spec] = Endpoint(spec, host or HOST, int(port), 0)
+        kinds += b.peers
+        runs.update({(k, q): [] for k in b.peers for q in (0, 1)})
         for ep in eps.values():  # warm-up, not counted: first connections, imports, caches
             asyncio.run(throughput_run(b, ep, max(100, plan.tput_n // 10), 1))
         for rep in range(plan.reps):
@@ -77,6 +83,9 @@ def render(t: dict[str, Any]) -> list[str]:
         cells = [fmt(q.get(k, {}).get("median_msgs_per_s"), " msg/s") for k in BROKERS]
         lines.append(f"| {qos} | {' | '.join(cells)} | {times(q['ratio_fishim_vs_amqtt'])} | "
                      f"{times(q['ratio_fishim_vs_mosquitto'])} |")
+    for spec in (k for k in t["brokers"] if k not in BROKERS):
+        rates = ", ".join(f"QoS {q} {fmt(t[f'qos{q}'][spec]['median_msgs_per_s'], ' msg/s')}" for q in (0, 1))
+        lines += ["", f"Already running broker `{spec}` (`--peer`): {rates}."]
     lost = [f"{k} QoS {qos}: {t[f'qos{qos}'][k]['min_delivered']:.1%}" for qos in (0, 1) for k in t["brokers"]
             if t[f"qos{qos}"][k]["min_delivered"] < 1]
     lines += ["", f"Lowest delivered share in a run: {', '.join(lost)}." if lost else
