@@ -92,6 +92,7 @@ def test_durable_section_counts_every_pubacked_message_in_the_store(report: dict
     durable = report["results"]["durable"]
     up = durable["up"]
     assert up["all_stored"], "every message the run published and got PUBACKed is a row at the end"
+    assert up["pubacked_implies_stored"] and up["acked_not_stored_max"] == 0, "fishim up PUBACKs after commit"
     assert up["durable_per_s"] and up["runs"][0]["store_checks"] >= 1
     if "mosquitto" in BROKERS:
         assert durable["ratio_up_vs_mosquitto_bridge"] is not None

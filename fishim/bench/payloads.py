@@ -15,12 +15,17 @@ from fishim.bench.plan import PAYLOAD_BYTES
 
 
 def stamp_of(payload: bytes) -> int | None:
-    """The ``t`` of a benchmark payload, or None for anything else."""
-    if payload[:5] != b'{"t":':
+    """The ``t`` of a benchmark payload, or None for anything else.
+
+    ``t`` is the sender's first field; fishim's own broker routes the payload with its ``seq`` and
+    ``order_seq`` stamps spliced in ahead of it, so it is looked for near the start, not at it.
+    """
+    start = payload.find(b'"t":', 0, 64)
+    if start == -1:
         return None
-    end = payload.find(b",", 5)
+    start += 4
     try:
-        return int(payload[5:end])
+        return int(payload[start:payload.find(b",", start)])
     except ValueError:
         return None
 
