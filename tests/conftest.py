@@ -24,6 +24,7 @@ import pytest
 from fishim.broker import EmbeddedBroker
 from fishim.config import BrokerSettings, Config, Limits, ListenerConfig
 from fishim.testing import packets
+from fishim.testing.mqtt import MqttClient, publish_and_wait
 
 _T = TypeVar("_T")
 
@@ -132,28 +133,21 @@ class Received:
 
 
 class Paho:
-    """A paho-mqtt 2.x client (callback API v2, MQTT 3.1.1) that records what tests wait on.
+    """A :class:`fishim.testing.mqtt.MqttClient` (paho 2.x, MQTT 3.1.1) plus what broker tests wait on.
 
-    The message queue is attached before CONNECT, so messages a persistent session gets right
-    after CONNACK are not lost to paho's "no on_message" path.
+    Unlike ``connect_client`` it does not raise on a refused CONNECT (``refused``/``reason`` say so).
+    Messages are queued as :class:`Received` (dup flag included) from before CONNECT, so what a
+    persistent session gets right after CONNACK is not lost to paho's "no on_message" path.
     """
 
     def __init__(self, port: int, client_id: str, *, clean_session: bool = True,
                  username: str | None = None, password: str | None = None, keepalive: int = 60,
                  will: tuple[str, bytes] | None = None, transport: str = "tcp",
                  tls_ca: str | None = None, host: str = "127.0.0.1") -> None:
-        self.client = paho_mqtt.Client(paho_mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
-                                       clean_session=clean_session, protocol=paho_mqtt.MQTTv311,
-                                       transport=transport)  # type: ignore[arg-type]
+        self.client = MqttClient(client_id, clean_session=clean_session, transport=transport)
         self.messages: queue.Queue[Received] = queue.Queue()
-        self.disconnected = threading.Event()
-        self._connack: queue.Queue[tuple[Any, bool]] = queue.Queue()
-        self._subacks: dict[int, list[int]] = {}
-        self._cond = threading.Condition()
-        self.client.on_connect = lambda _c, _u, flags, rc, _p: self._connack.put((rc, flags.session_present))
-        self.client.on_disconnect = lambda *_a: self.disconnected.set()
+        self.disconnected = self.client.disconnected
         self.client.on_message = self._on_message
-        self.client.on_subscribe = self._on_subscribe
         if username is not None:
             self.client.username_pw_set(username, password)
         if will is not None:
@@ -163,37 +157,26 @@ class Paho:
         self.client.connect(host, port, keepalive)
         self.client.loop_start()
         try:
-            rc, present = self._connack.get(timeout=10)
-        except queue.Empty:
+            rc = self.client.wait_connack(10)
+        except TimeoutError:
             self.client.loop_stop()
-            raise TimeoutError("no CONNACK") from None
+            raise
         self.refused = bool(rc.is_failure)
         self.reason = str(rc)
-        self.session_present = bool(present)
+        self.session_present = self.client.session_present
         if self.refused:
             self.client.loop_stop()
 
     def _on_message(self, _client: Any, _userdata: Any, msg: paho_mqtt.MQTTMessage) -> None:
         self.messages.put(Received(msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain), bool(msg.dup)))
 
-    def _on_subscribe(self, _client: Any, _userdata: Any, mid: int, codes: list[Any], _p: Any) -> None:
-        with self._cond:
-            self._subacks[mid] = [code.value for code in codes]
-            self._cond.notify_all()
-
     def subscribe(self, topic_filter: str, qos: int = 1) -> int:
         """SUBSCRIBE and wait for SUBACK; returns the granted QoS (0x80 if refused)."""
-        result, mid = self.client.subscribe(topic_filter, qos)
-        assert result == paho_mqtt.MQTT_ERR_SUCCESS and mid is not None
-        with self._cond:
-            assert self._cond.wait_for(lambda: mid in self._subacks, timeout=5), "no SUBACK"
-            return self._subacks.pop(mid)[0]
+        return self.client.suback_codes([topic_filter], qos, timeout=5)[0]
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
         """Publish and wait until done: PUBACK for QoS 1, written to the socket for QoS 0."""
-        info = self.client.publish(topic, payload, qos, retain)
-        info.wait_for_publish(5)
-        assert info.is_published(), f"{topic} not acknowledged"
+        publish_and_wait(self.client, topic, payload, qos, retain, timeout=5)
 
     def get(self, timeout: float = 5.0) -> Received:
         try:
