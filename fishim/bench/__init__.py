@@ -14,8 +14,14 @@ Sections (``--only`` picks some, all run by default); each figure is the median 
    broker CPU and RSS (500 riders x 60 s; ``--quick``: 50 x 10 s).
 6. ``memory``: bridge RSS over a big history vs a small one (1,000,000 vs 10,000 stored events;
    ``--quick``: 100,000 vs 10,000). It must not grow with history.
-7. ``profile``: py-spy samples of the embedded broker and its bridge, and of the bridge on Mosquitto,
-   under the e2e load, saved to ``bench-out/profile-*.txt`` (collapsed stacks) and summarised.
+7. ``durable``: durable throughput on ``fishim up`` (a real subprocess): QoS-1 publishes where
+   PUBACKed == stored (checked from the publisher by counting rows), vs Mosquitto + ``fishim bridge``.
+8. ``durable-latency``: publish -> PUBACK and publish -> subscriber p99 at 1,000 msg/s on ``fishim up``.
+9. ``synchronous``: durable throughput on ``fishim up`` for each ``store.synchronous`` setting.
+10. ``drain``: a backlog queued on Mosquitto for a stopped bridge, stored by ``fishim bridge`` on start.
+11. ``replay-client``: a realistic history replayed over MQTT and through ``FishimClient``.
+- ``profile``: py-spy samples of the embedded broker and its bridge, and of the bridge on Mosquitto,
+  under the e2e load, saved to ``bench-out/profile-*.txt`` (collapsed stacks) and summarised.
 
 Every broker, bridge and load generator is a process of its own (its own GIL), bound to 127.0.0.1,
 started in its own process group and ended on exit, Ctrl-C or failure (and by the kernel if this
@@ -23,21 +29,12 @@ process is killed). Load generators use the small asyncio MQTT 3.1.1 client in
 :mod:`fishim.bench.wire` rather than paho, so the client side stays out of the way of the brokers
 being compared.
 
-Further sections (issue-driven, same run):
-
-8. ``durable``: durable throughput on ``fishim up`` (a real subprocess): QoS-1 publishes where
-   PUBACKed == stored (checked from the publisher by counting rows), vs Mosquitto + ``fishim bridge``.
-9. ``durable-latency``: publish -> PUBACK and publish -> subscriber p99 at 1,000 msg/s on ``fishim up``.
-10. ``synchronous``: durable throughput on ``fishim up`` for each ``store.synchronous`` setting.
-11. ``drain``: a backlog queued on Mosquitto for a stopped bridge, stored by ``fishim bridge`` on start.
-12. ``replay-client``: a realistic history replayed over MQTT and through ``FishimClient``.
-
 One module per section; :mod:`fishim.bench.sections` is the table that runs and reports them.
 
 Usage::
 
     fishim bench --quick            # < 60 s, small counts: rough figures, checks the code
-    fishim bench                    # full mode (~15 min): run it on a quiet machine
+    fishim bench                    # full mode (~20 min): run it on a quiet machine
     python -m fishim.bench --only durable,durable-latency
 
 Writes ``bench-out/report.json`` and, for a run of every section, the generated part of

@@ -11,17 +11,17 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
-import ctypes
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
 from fishim.bench.plan import PACKAGE_ROOT
+from fishim.testing.proc import DIE_WITH_PARENT
 
 
 def progress(message: str) -> None:
@@ -36,17 +36,7 @@ _T0 = time.monotonic()
 CHILDREN: dict[int, str] = {}  # pid (= process group) -> name, for every child not yet stopped
 
 
-def _parent_death_hook() -> Callable[[], None] | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved before any fork
-    except (OSError, AttributeError):
-        return None
-    return lambda: prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
-
-
-ON_FORK = _parent_death_hook()
+ON_FORK = DIE_WITH_PARENT  # children get SIGTERM when the benchmark dies, even by SIGKILL
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:

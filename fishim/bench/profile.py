@@ -112,7 +112,7 @@ def _frame_key(frame: str) -> tuple[str, str]:
     return f"{match['func']} ({short})", area
 
 
-_ENTRY_FILES = ("fishim/cli.py", "fishim/__main__.py", "fishim/service.py", "fishim/broker.py")
+_ENTRY_FILES = ("fishim/cli.py", "fishim/__main__.py", "fishim/service.py", "fishim/broker/__init__.py")
 _ENTRY_FUNCS = ("Bridge._run_writer ", "Bridge._run_sync ", "Client._thread_main ", "Client.loop_forever ",
                 "<module> ")
 _WORK_AREAS = ("fishim/", "amqtt/", "paho/", "pydantic", "json/", "sqlite3/")

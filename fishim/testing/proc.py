@@ -2,13 +2,35 @@
 
 from __future__ import annotations
 
+import ctypes
 import signal
 import subprocess
+import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["Proc"]
+__all__ = ["DIE_WITH_PARENT", "Proc"]
+
+
+def _parent_death_hook() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has the kernel SIGTERM the child when its parent dies (Linux only).
+
+    The kernel's "parent" is the thread that started the child: start children from a thread that
+    outlives them (the main one), or they get SIGTERM when it ends.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved before any fork
+    except (OSError, AttributeError):
+        return None
+    return lambda: prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+
+
+# The one PDEATHSIG helper: a test run or benchmark killed outright leaves no broker behind.
+DIE_WITH_PARENT = _parent_death_hook()
 
 
 class Proc:
@@ -24,7 +46,7 @@ class Proc:
         self._cond = threading.Condition()
         self.popen = subprocess.Popen(args, env=env, cwd=cwd, stdin=subprocess.DEVNULL,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                      start_new_session=True)
+                                      start_new_session=True, preexec_fn=DIE_WITH_PARENT)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
