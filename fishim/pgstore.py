@@ -182,7 +182,11 @@ class PgStore(Store):
         held = self.conn.raw.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()
         if not (held and held[0]):
             log.warning("standby: another bridge holds the writer lock of %s; waiting for it", self.label)
-            self.conn.raw.execute("SELECT pg_advisory_lock(%s)", (key,))
+            try:
+                self.conn.raw.execute("SELECT pg_advisory_lock(%s)", (key,))
+            except psycopg.OperationalError as exc:  # the server went away while we waited
+                raise StoreError(f"lost PostgreSQL {self.label} while waiting for the writer lock: "
+                                 f"{str(exc).strip()}") from None
         # A holder that stops talking (hung, stopped, cut off) loses its session, hence the lock, after
         # lock_timeout; the heartbeat keeps a live but idle holder's session open.
         timeout_ms = int(self.lock_timeout * 1000)

@@ -27,7 +27,7 @@ import pytest
 from fishim.client import ClientEvent, FishimClient
 from fishim.config import Config
 from fishim.messages import SyncPage
-from fishim.store import Store
+from fishim.store import Store, StoreTarget, open_store
 from fishim.sync import SyncServer
 from fishim.testing.history import HistoryWriter, lifecycle
 from fishim.testing.mqtt import Collector, MqttClient, connect_client, publish_and_wait
@@ -57,11 +57,15 @@ def _events(out: list[tuple[str, bytes]]) -> list[dict[str, Any]]:
     return [e.model_dump() for p in _pages(out) for e in p.events]
 
 
-@pytest.fixture(scope="module")
-def shop_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Accounts (HistoryWriter.PEOPLE) and four orders: rider7 has A1, A2; rider8 has B1; C1 unassigned."""
-    db = tmp_path_factory.mktemp("sync") / "shop.db"
-    with Store(db) as store:
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def shop_db(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> StoreTarget:
+    """Accounts (HistoryWriter.PEOPLE) and four orders: rider7 has A1, A2; rider8 has B1; C1 unassigned.
+    The replay tests run on both stores: the same rows must give the same pages."""
+    if request.param == "postgres":
+        db: StoreTarget = request.getfixturevalue("postgres").create_database("sync_shop")
+    else:
+        db = tmp_path_factory.mktemp("sync") / "shop.db"
+    with open_store(db) as store:
         w = HistoryWriter(store)
         t = 1_700_000_000_000
         t = lifecycle(w, "A1", t, customer="cust1", rider="rider7", fixes=30)
@@ -72,14 +76,14 @@ def shop_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def server(shop_db: Path) -> Iterator[SyncServer]:
+def server(shop_db: StoreTarget) -> Iterator[SyncServer]:
     srv = SyncServer(shop_db, Config())
     yield srv
     srv.close()
 
 
-def _store_events(db: Path, orders: set[str] | None = None, since: int = 0) -> list[tuple[int, str]]:
-    with Store(db, readonly=True) as store:
+def _store_events(db: StoreTarget, orders: set[str] | None = None, since: int = 0) -> list[tuple[int, str]]:
+    with open_store(db, readonly=True) as store:
         rows = store.events_since(since, limit=1_000_000)
     return [(e.seq, e.id) for e in rows if orders is None or e.order_id in orders]
 
@@ -88,7 +92,7 @@ def _store_events(db: Path, orders: set[str] | None = None, since: int = 0) -> l
     ("rider7", {"A1", "A2"}), ("rider8", {"B1"}), ("cust1", {"A1", "C1"}), ("13812345678", {"A2"}),
     ("shop", None), ("owner", None), ("scan1", set()),
 ])
-def test_replay_holds_exactly_the_orders_the_role_may_read(server: SyncServer, shop_db: Path, user: str,
+def test_replay_holds_exactly_the_orders_the_role_may_read(server: SyncServer, shop_db: StoreTarget, user: str,
                                                            orders: set[str] | None) -> None:
     got = _events(_request(server, user, {"since": 0, "collapse": False}))
     assert [(e["seq"], e["payload"]["id"]) for e in got] == _store_events(shop_db, orders)
@@ -112,7 +116,7 @@ def test_unknown_user_reads_orders_where_it_is_rider_or_customer(tmp_path: Path)
     srv.close()
 
 
-def test_pages_are_bounded_ordered_and_resumable(shop_db: Path) -> None:
+def test_pages_are_bounded_ordered_and_resumable(shop_db: StoreTarget) -> None:
     config = Config.model_validate({"limits": {"sync_page_events": 7, "sync_page_bytes": 2048}})
     srv = SyncServer(shop_db, config)
     out = _request(srv, "shop", {"since": 0, "id": "req-1", "collapse": False})
@@ -141,7 +145,7 @@ def test_pages_are_bounded_ordered_and_resumable(shop_db: Path) -> None:
     srv.close()
 
 
-def test_cursor_moves_past_events_of_other_orders(server: SyncServer, shop_db: Path) -> None:
+def test_cursor_moves_past_events_of_other_orders(server: SyncServer, shop_db: StoreTarget) -> None:
     """The done page's cursor is the end of the scanned snapshot, not the user's last event: a rider
     whose orders were quiet doesn't rescan everyone else's traffic next time, and skips nothing."""
     pages = _pages(_request(server, "rider8", {"since": 0}))
@@ -152,7 +156,7 @@ def test_cursor_moves_past_events_of_other_orders(server: SyncServer, shop_db: P
     assert scanner[-1].events == [] and scanner[-1].next_since == end
 
 
-def test_location_collapses_to_the_latest_fix_per_order(server: SyncServer, shop_db: Path) -> None:
+def test_location_collapses_to_the_latest_fix_per_order(server: SyncServer, shop_db: StoreTarget) -> None:
     full = _events(_request(server, "rider7", {"since": 0, "collapse": False}))
     out = _request(server, "rider7", {"since": 0})
     short = _events(out)
@@ -169,7 +173,7 @@ def test_location_collapses_to_the_latest_fix_per_order(server: SyncServer, shop
     assert _pages(_request(server, "cust2", {"since": 0, "orders": ["B1"], "collapse": False}))[-1].collapsed == []
 
 
-def test_orders_narrows_but_never_widens(server: SyncServer, shop_db: Path) -> None:
+def test_orders_narrows_but_never_widens(server: SyncServer, shop_db: StoreTarget) -> None:
     only_a2 = _events(_request(server, "rider7", {"since": 0, "orders": ["A2"], "collapse": False}))
     assert [(e["seq"], e["payload"]["id"]) for e in only_a2] == _store_events(shop_db, {"A2"})
     assert _events(_request(server, "rider7", {"since": 0, "orders": ["B1"]})) == []
@@ -177,9 +181,9 @@ def test_orders_narrows_but_never_widens(server: SyncServer, shop_db: Path) -> N
         == len(_store_events(shop_db, {"B1", "C1"}))
 
 
-def test_replayed_payloads_are_the_stored_json(server: SyncServer, shop_db: Path) -> None:
+def test_replayed_payloads_are_the_stored_json(server: SyncServer, shop_db: StoreTarget) -> None:
     """Pages are spliced from the stored text; they must still be exactly that JSON (UTF-8 included)."""
-    with Store(shop_db, readonly=True) as store:
+    with open_store(shop_db, readonly=True) as store:
         stored = {e.seq: (e.topic, e.order_seq, e.payload_dict()) for e in store.events_since(0, limit=10**6)}
     for e in _events(_request(server, "owner", {"since": 0, "collapse": False})):
         assert (e["topic"], e["order_seq"], e["payload"]) == stored[e["seq"]]
@@ -208,7 +212,7 @@ def test_bad_requests_get_an_error_not_data(server: SyncServer, body: bytes, cod
         assert error["id"] == "r-9"
 
 
-def test_per_request_bound_says_more(shop_db: Path) -> None:
+def test_per_request_bound_says_more(shop_db: StoreTarget) -> None:
     srv = SyncServer(shop_db, Config(), max_events=10)
     pages = _pages(_request(srv, "owner", {"since": 0, "collapse": False}))
     seqs = [e.seq for p in pages for e in p.events]
