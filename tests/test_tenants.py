@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from fishim.auth import add_user, service_credentials
 from fishim.cli import main
 from fishim.config import load_config
-from fishim.store import Store
+from fishim.store import Store, UserRow
 from fishim.testing.mosquitto import Mosquitto, find_mosquitto
 from fishim.testing.mqtt import Collector, MqttClient, connect_client, publish_and_wait
 
@@ -41,8 +41,11 @@ class Shop:
         return f"{self.name}-{role}"
 
 
-def make_shop(root: Path, name: str, prefix: str) -> Shop:
-    """A shop's broker.yaml, store, accounts and its own `fishim mosquitto-acl` directory."""
+def make_shop(root: Path, name: str, prefix: str, *, logins: bool = True) -> Shop:
+    """A shop's broker.yaml, store, accounts and its own `fishim mosquitto-acl` directory.
+
+    ``logins=False``: accounts nobody can log in with (no password hashing), for the ACL file alone.
+    """
     shop_dir = root / name
     shop_dir.mkdir()
     db = shop_dir / "shop.db"
@@ -52,9 +55,13 @@ def make_shop(root: Path, name: str, prefix: str) -> Shop:
     cfg = load_config(config, env={})
     with Store(db) as store:
         for role in ("owner", "staff", "customer"):
-            add_user(store, shop.user(role), role, PW)
-        service_credentials(store, cfg.bridge.username)
-    lines = "".join(f"{shop.user(role)}:{PW}\n" for role in ("owner", "staff", "customer"))
+            if logins:
+                add_user(store, shop.user(role), role, PW)
+            else:
+                store.put_user(UserRow(name=shop.user(role), role=role, password_hash="!", created_at=0))
+        if logins:
+            service_credentials(store, cfg.bridge.username)
+    lines = "".join(f"{shop.user(role)}:{PW}\n" for role in ("owner", "staff", "customer")) if logins else ""
     result = CliRunner().invoke(main, ["-c", str(config), "mosquitto-acl", "--out", str(shop_dir / "etc"),
                                        "--passwords-stdin"], input=lines, env={}, catch_exceptions=False)
     assert result.exit_code == 0, result.output
@@ -86,9 +93,9 @@ def shops(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Mosquitto,
 
 
 def test_merge_refuses_clashes(tmp_path: Path) -> None:
-    a = make_shop(tmp_path, "a", "chain")
-    b = make_shop(tmp_path, "b", "chain/b")  # inside a's prefix: a's owner would read it
-    c = make_shop(tmp_path, "c", "other")
+    a = make_shop(tmp_path, "a", "chain", logins=False)
+    b = make_shop(tmp_path, "b", "chain/b", logins=False)  # inside a's prefix: a's owner would read it
+    c = make_shop(tmp_path, "c", "other", logins=False)
     (c.dir / "etc" / "acl").write_text((c.dir / "etc" / "acl").read_text().replace("user c-owner", "user a-owner"))
     for dirs, words in (([a, b], ["overlaps", "'chain/b'", "'chain'"]), ([a, c], ["'a-owner'", "unique"])):
         result = CliRunner().invoke(main, ["mosquitto-merge", "--out", str(tmp_path / "out"),

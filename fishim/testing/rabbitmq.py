@@ -4,8 +4,10 @@ Every node gets its own name (``fishimN-<id>@localhost``), data and log dirs und
 its own AMQP, MQTT and Erlang distribution ports on 127.0.0.1, and the plugin enabled; the nodes
 share one Erlang cookie and one ``epmd`` (Erlang's port mapper) that this harness starts itself on
 a free loopback port, so nothing outside the temp dir and nothing beyond loopback is touched.
-Nodes 2..n join node 1 (``rabbitmqctl join_cluster``). :meth:`RabbitCluster.kill` SIGKILLs a node's
-Erlang VM, like a machine dying; :meth:`close` stops everything it started, by pid.
+The nodes form the cluster at boot from a static node list (``cluster_formation.classic_config``);
+if they came up apart, nodes 2..n join node 1 with ``rabbitmqctl join_cluster``.
+:meth:`RabbitCluster.kill` SIGKILLs a node's Erlang VM, like a machine dying; :meth:`close` stops
+everything it started, by pid.
 """
 
 from __future__ import annotations
@@ -122,6 +124,9 @@ class RabbitCluster:
             "mqtt.vhost = /",
             "mqtt.exchange = amq.topic",
             "cluster_partition_handling = ignore",  # 2 nodes: the survivor of a 1-1 split must not pause
+            # the nodes find each other at boot (no stop_app / join_cluster / start_app round trips)
+            "cluster_formation.peer_discovery_backend = classic_config",
+            *(f"cluster_formation.classic_config.nodes.{n.index} = {n.name}" for n in self.nodes),
             "disk_free_limit.absolute = 50MB",
             "log.console = false",
             "log.file.level = info",
@@ -152,19 +157,25 @@ class RabbitCluster:
             self._launch(node)
         for node in self.nodes:
             self._await(node)
-        first = self.nodes[0]
-        for node in self.nodes[1:]:
-            self.ctl(node, "stop_app")
-            self.ctl(node, "join_cluster", first.name)
-            self.ctl(node, "start_app")
-        for node in self.nodes:
-            self.ctl(node, "await_startup", timeout=self.startup_timeout)
             wait_for_port(node.mqtt_port, timeout=self.startup_timeout)
+        first = self.nodes[0]
+        if self._running(first) != len(self.nodes):  # booted apart (each saw no peer yet): join by hand
+            for node in self.nodes[1:]:
+                self.ctl(node, "stop_app")
+                self.ctl(node, "join_cluster", first.name)
+                self.ctl(node, "start_app")
+                self.ctl(node, "await_startup", timeout=self.startup_timeout)
+            if self._running(first) != len(self.nodes):
+                raise RuntimeError(f"rabbitmq nodes did not form one cluster:\n{self.log_tail(first)}")
         if self.mirror_sessions:
             self.ctl(first, "set_policy", "--apply-to", "queues", "fishim-mqtt-sessions", "^mqtt-subscription-",
                      '{"ha-mode":"all","ha-sync-mode":"automatic"}')
         log.info("rabbitmq cluster up nodes=%s", [n.name for n in self.nodes])
         return self
+
+    def _running(self, node: RabbitNode) -> int:
+        """How many nodes of ``node``'s cluster run."""
+        return int(self.ctl(node, "eval", "length(rabbit_nodes:all_running()).").strip())
 
     def _launch(self, node: RabbitNode) -> None:
         with open(node.dir / "server.out", "ab") as out:
