@@ -40,6 +40,7 @@ from fishim.config import Config
 if TYPE_CHECKING:
     from fishim.auth import OrderAcl, Principal, StoreAuthenticator
     from fishim.broker import EmbeddedBroker
+    from fishim.http import HttpSide
     from fishim.store import DeadLetter, Store
 
 log = logging.getLogger("fishim.service")
@@ -261,6 +262,7 @@ async def _serve(config: Config, *, with_bridge: bool) -> int:
     broker = EmbeddedBroker(config, authenticator=authenticator, authorizer=acl)
     refusals = RefusalReporter(config, broker)
     broker.on_refused = refusals  # read by start(); the reporter needs the broker to publish errors
+    http = _http_side(config, authenticator, acl, broker)
     started_at = int(time.time() * 1000)
     try:
         with tempfile.TemporaryDirectory(prefix="fishim-") as workdir:
@@ -269,6 +271,13 @@ async def _serve(config: Config, *, with_bridge: bool) -> int:
             except OSError as exc:  # ListenerError: its message names the listener and the address
                 log.error("broker not started: %s (is another fishim or MQTT broker running there?)", exc)
                 return 2
+            if http is not None:
+                try:
+                    await http.start(broker)
+                except OSError as exc:
+                    log.error("http not started: %s", exc)
+                    await broker.stop()
+                    return 2
             log.info("broker listening %s store=%s",
                      " ".join(f"{lst.type}://{lst.bind}" for lst in config.listeners), config.store.path)
             supervisor = BridgeSupervisor(config, Path(workdir)) if with_bridge else None
@@ -281,6 +290,8 @@ async def _serve(config: Config, *, with_bridge: bool) -> int:
                 log.info("shutting down")
             finally:
                 status.cancel()
+                if http is not None:
+                    await http.stop()
                 broker.stop_accepting()
                 if supervisor is not None:
                     await supervisor.stop()
@@ -305,6 +316,19 @@ def _remove_status(db: Path) -> None:
 def _on_signal(sig: signal.Signals, stop: asyncio.Event) -> None:
     log.info("received %s", sig.name)
     stop.set()
+
+
+def _http_side(config: Config, authenticator: StoreAuthenticator, acl: OrderAcl,
+               broker: EmbeddedBroker) -> HttpSide | None:
+    """The HTTP side (fishim.http: media, tracking links, shop API, webhooks), if configured.
+    Its webhook hook joins the broker's ingest before the broker starts."""
+    if not config.webhooks and not any(lst.type == "http" for lst in config.listeners):
+        return None
+    from fishim.http import HttpSide
+
+    http = HttpSide(config, authenticator, acl)
+    http.install(broker)
+    return http
 
 
 def _auth(config: Config) -> tuple[StoreAuthenticator, OrderAcl]:
