@@ -115,6 +115,7 @@ CREATE TABLE IF NOT EXISTS webhook_outbox (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     url TEXT NOT NULL,
     event TEXT NOT NULL,
+    key TEXT NOT NULL,
     seq INTEGER,
     body BLOB NOT NULL,
     state TEXT NOT NULL DEFAULT 'pending',
@@ -126,6 +127,7 @@ CREATE TABLE IF NOT EXISTS webhook_outbox (
     last_error TEXT
 );
 CREATE INDEX IF NOT EXISTS webhook_outbox_due ON webhook_outbox(state, next_at);
+CREATE UNIQUE INDEX IF NOT EXISTS webhook_outbox_key ON webhook_outbox(url, key);
 """
 
 MIGRATIONS: dict[int, str] = {1: _SCHEMA_V1, 2: _SCHEMA_V2}

@@ -57,19 +57,38 @@ def sign(secret: str, body: bytes) -> str:
 def event_body(event: str, topic: str, order: str | None, seq: int, order_seq: int | None,
                payload: bytes, order_state: str | None) -> bytes:
     """What a receiver gets: the event's kind, where it belongs, and its payload as stored."""
+    data = json.loads(payload)
+    if order is None and isinstance(data, dict):  # a notification names its order in the payload
+        order = data.get("order")
     return json.dumps({"event": event, "order": order, "topic": topic, "seq": seq, "order_seq": order_seq,
-                       "order_state": order_state, "payload": json.loads(payload)},
+                       "order_state": order_state, "payload": data},
                       ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
-def enqueue(store: Store, hooks: Iterable[WebhookConfig], event: str, body: bytes, seq: int | None) -> int:
-    """One outbox row per receiver subscribed to ``event``, in the caller's transaction."""
+def enqueue(store: Store, hooks: Iterable[WebhookConfig], event: str, key: str, body: bytes,
+            seq: int | None) -> None:
+    """One outbox row per receiver subscribed to ``event``, in the caller's transaction. ``key`` makes
+    it idempotent: the same key for the same receiver is queued once."""
     now = now_ms()
-    rows = [(h.url, event, seq, body, now, now, now) for h in hooks if event in h.events]
+    rows = [(h.url, event, key, seq, body, now, now, now) for h in hooks if event in h.events]
     if rows:
-        store.conn.executemany("INSERT INTO webhook_outbox (url, event, seq, body, next_at, created_at, updated_at)"
-                               " VALUES (?,?,?,?,?,?,?)", rows)
-    return len(rows)
+        store.conn.executemany("INSERT OR IGNORE INTO webhook_outbox (url, event, key, seq, body, next_at,"
+                               " created_at, updated_at) VALUES (?,?,?,?,?,?,?,?)", rows)
+
+
+def classify(channel: str, payload: bytes) -> tuple[str, str | None]:
+    """(webhook event, dedupe key or None for "by seq") of a stored message.
+
+    ``status`` and ``chat`` are themselves. An alert reaches each of its recipients as a notification
+    on ``notify/{user}`` carrying ``alert``; the receiver gets it once per alert, priority and reason.
+    """
+    if channel != "notify":
+        return channel, None
+    body = json.loads(payload)
+    alert = body.get("alert") if isinstance(body, dict) else None
+    if not alert:
+        return "notice", None
+    return "alert", f"alert:{alert}:{body.get('reason')}:{body.get('priority')}"
 
 
 class WebhookHook:
@@ -82,15 +101,18 @@ class WebhookHook:
 
     def in_transaction(self, store: Store, committed: list[Any]) -> None:
         for c in committed:
-            event = str(c.ref.channel)
+            channel = str(c.ref.channel)
+            if channel not in self.wanted and channel != "notify":
+                continue
+            event, key = classify(channel, c.payload)
             if event in self.wanted:
                 order = getattr(c, "order", None)
                 body = event_body(event, c.topic, c.ref.order, c.seq, c.order_seq, c.payload,
                                   getattr(order, "state", None))
-                enqueue(store, self.hooks, event, body, c.seq)
+                enqueue(store, self.hooks, event, key or f"seq:{c.seq}", body, c.seq)
 
     def after_commit(self, committed: list[Any]) -> None:
-        if self.dispatcher is not None and any(str(c.ref.channel) in self.wanted for c in committed):
+        if self.dispatcher is not None:
             self.dispatcher.wake()
 
 
