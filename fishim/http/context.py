@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hashlib
 import logging
 import sqlite3
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,6 +33,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("fishim.http")
 
 _T = TypeVar("_T")
+
+BASIC_CACHE_S = 60.0  # a removed account or changed password takes effect over HTTP within this
+BASIC_CACHE_MAX = 10_000
 
 
 class HttpError(Exception):
@@ -85,6 +90,7 @@ class HttpContext:
         self.worker = StoreWorker(config.store.path)
         self.secret = tokens.load_secret(config.store.path)
         self.media_dir = media_dir(config.store.path)
+        self._verified: dict[bytes, tuple[Principal, float]] = {}
 
     def topic(self, order: str, *rest: str) -> str:
         return "/".join((self.config.prefix, "orders", order, *rest))
@@ -102,14 +108,30 @@ class HttpContext:
         if scheme == "bearer" and value:
             return await self.tracking_principal(value)
         if scheme == "basic" and value:
-            username, password = _basic(value)
-            principal = await self.authenticator.authenticate(username, password, peer, self.listener)
+            principal = await self._basic_login(value, peer)
         elif header:
             raise unauthorized("unauthorized", "use HTTP Basic (an account) or Bearer (a tracking token)")
         else:
             principal = await self.authenticator.authenticate(None, None, peer, self.listener)
         if principal is None:
             raise unauthorized("unauthorized", "bad or missing credentials")
+        return principal
+
+    async def _basic_login(self, value: str, peer: str) -> Principal | None:
+        """HTTP Basic through the broker's authenticator. A media player seeking in a voice note sends
+        a request per seek, each with the same credentials, so a verified pair is remembered (by a
+        SHA-256 of it, never in clear) for ``BASIC_CACHE_S``: argon2 runs once, not per request."""
+        username, password = _basic(value)
+        fingerprint = hashlib.sha256(f"{username}\0{password}".encode()).digest()
+        now = time.monotonic()
+        hit = self._verified.get(fingerprint)
+        if hit is not None and hit[1] > now:
+            return hit[0]
+        principal = await self.authenticator.authenticate(username, password, peer, self.listener)
+        if principal is not None:
+            if len(self._verified) >= BASIC_CACHE_MAX:
+                self._verified.clear()
+            self._verified[fingerprint] = (principal, now + BASIC_CACHE_S)
         return principal
 
     async def tracking_principal(self, token: str) -> Principal:
