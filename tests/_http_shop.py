@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import ssl
 import time
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from click.testing import CliRunner
 
 from fishim.auth import add_user
 from fishim.cli import main as cli
-from fishim.config import Config
+from fishim.config import Config, TlsConfig
 from fishim.store import Store
 from fishim.testing import free_port
 from fishim.testing.mqtt import MqttClient, connect_client, publish_and_wait
@@ -30,19 +31,24 @@ _ids = itertools.count(1)
 class HttpShop:
     """``fishim up`` on ``db`` with an http and a ws listener; helpers to act as each account."""
 
-    def __init__(self, db: Path, config: dict[str, Any] | None = None) -> None:
+    def __init__(self, db: Path, config: dict[str, Any] | None = None, tls: TlsConfig | None = None) -> None:
         self.db = db
+        self.verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=str(tls.cert)) if tls else True
         if not db.exists():
             with Store(db) as store:
                 for name, role in ROLES.items():
                     add_user(store, name, role, PASSWORDS[name])
-        self.http_port, self.ws_port = free_port(), free_port()
+        ports: set[int] = set()
+        while len(ports) < 3:  # three distinct free ports: mqtt, http, ws
+            ports.add(free_port())
+        mqtt_port, self.http_port, self.ws_port = sorted(ports)
         self.config = Config.model_validate(config or {})
-        self.stack = Stack(db, kind="embedded", config=self.config, probe=("boss", PASSWORDS["boss"]),
-                           extra_listeners=[{"name": "web", "type": "http", "bind": f"127.0.0.1:{self.http_port}"},
+        self.stack = Stack(db, kind="embedded", config=self.config, probe=("boss", PASSWORDS["boss"]), port=mqtt_port,
+                           extra_listeners=[{"name": "web", "type": "http", "bind": f"127.0.0.1:{self.http_port}",
+                                             "tls": tls.model_dump(mode="json") if tls else None},
                                             {"name": "ws", "type": "ws", "bind": f"127.0.0.1:{self.ws_port}"}])
         self.config_file = self.stack.workdir / "broker.yaml"
-        self.base = f"http://127.0.0.1:{self.http_port}"
+        self.base = f"{'https' if tls else 'http'}://127.0.0.1:{self.http_port}"
         self._clients: dict[str, MqttClient] = {}
 
     def start(self) -> HttpShop:
@@ -89,7 +95,7 @@ class HttpShop:
     def http(self, user: str | None = None, token: str | None = None) -> httpx.Client:
         auth = httpx.BasicAuth(user, PASSWORDS[user]) if user else None
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        return httpx.Client(base_url=self.base, auth=auth, headers=headers, timeout=15.0)
+        return httpx.Client(base_url=self.base, auth=auth, headers=headers, timeout=15.0, verify=self.verify)
 
     def cli(self, *args: str) -> Any:
         result = CliRunner().invoke(cli, ["-c", str(self.config_file), *args], catch_exceptions=False)

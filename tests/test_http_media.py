@@ -20,6 +20,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from fishim.http.tokens import load_secret, make_token
+from fishim.testing.tls import self_signed
 from tests._http_shop import HttpShop
 
 IMAGE_LIMIT = 64 * 1024
@@ -30,7 +31,7 @@ PNG = b"\x89PNG\r\n\x1a\n" + os.urandom(5000)
 def shop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HttpShop]:
     db = tmp_path_factory.mktemp("http") / "shop.db"
     config = {"media": {"image": {"max_bytes": IMAGE_LIMIT, "mimes": ["image/png", "image/jpeg"]}}}
-    shop = HttpShop(db, config).start()
+    shop = HttpShop(db, config, tls=self_signed(db.parent)).start()  # HTTPS, as MQTT listeners do TLS
     try:
         shop.place("o-1", "zhang")
         shop.place("o-2", "li")
@@ -130,7 +131,7 @@ def test_etag_and_range(shop: HttpShop, photo: dict[str, Any]) -> None:
 
 def test_tracking_link_page_and_media(shop: HttpShop, photo: dict[str, Any]) -> None:
     link = shop.link("o-1")
-    assert link["url"].startswith(f"{shop.base}/t/")
+    assert link["url"].startswith(f"https://127.0.0.1:{shop.http_port}/t/")
     with shop.http() as client:
         page = client.get(link["url"])
     assert page.status_code == 200
@@ -255,3 +256,23 @@ def test_config_rejects_bad_http_settings(tmp_path: Path) -> None:
     bad.write_text("webhooks: [{url: 'http://127.0.0.1:9/x', events: [status], secret: short}]\n")
     with pytest.raises(ConfigError, match=r"webhooks\.0\.secret"):
         load_config(bad, env={})
+
+
+def test_cli_refusals_are_one_line(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from fishim.cli import main as cli
+    from fishim.store import Store
+
+    db = tmp_path / "shop.db"
+    Store(db).close()
+    env = {"FISHIM_DB": str(db), "FISHIM_CONFIG": str(tmp_path / "none.yaml")}
+    (tmp_path / "none.yaml").write_text("{}\n")
+    runner = CliRunner()
+    no_http = runner.invoke(cli, ["orders", "link", "o-1"], env=env)
+    assert no_http.exit_code == 2 and "no http listener" in no_http.stderr
+    bad_key = runner.invoke(cli, ["keys", "add", "bad name"], env=env)
+    assert bad_key.exit_code == 2 and "bad key name" in bad_key.stderr
+    reserved = runner.invoke(cli, ["users", "add", "t-o-1", "--role", "customer", "--password-stdin"],
+                             input="pw\n", env=env)
+    assert reserved.exit_code == 2 and "reserved" in reserved.stderr
