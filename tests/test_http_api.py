@@ -40,7 +40,7 @@ def api(shop: HttpShop) -> httpx.Client:
 def test_order_placed_over_api_reaches_mqtt_and_cli_once(shop: HttpShop) -> None:
     body = {"order": "o-api-1", "customer": "zhang", "items": [{"sku": "reel-2", "qty": 2}], "id": "ext-1001",
             "eta": "2026-11-11T18:00:00+08:00", "dropoff": {"text": "back door"}}
-    with Collector(shop.mqtt("zhang"), "fishim/orders/o-api-1/status") as watcher, api(shop) as client:
+    with Collector(shop.mqtt("boss"), "fishim/orders/o-api-1/status") as watcher, api(shop) as client:
         first = client.post("/api/orders", json=body)
         second = client.post("/api/orders", json=body)
         seen = watcher.get(10).json()

@@ -3,8 +3,9 @@
 ``fishim up`` calls, around the broker::
 
     http = HttpSide(config, authenticator, acl)
-    http.install(broker)        # before broker.start(): the webhook outbox hook joins the ingest
-    await http.start(broker)    # after it: every ``type: http`` listener, the webhook dispatcher
+    ingest = BrokerIngest(config, hooks=http.hooks)   # the webhook outbox joins the ingest's commits
+    ...
+    await http.start(broker)    # after broker.start(): every ``type: http`` listener, the dispatcher
     ...
     await http.stop()           # before broker.stop()
 
@@ -48,23 +49,19 @@ class HttpSide:
         self.listeners = [lst for lst in config.listeners if lst.type == "http"]
         self.ports: dict[str, int] = {}
         self.hook: WebhookHook | None = None
+        if config.webhooks:
+            from fishim.http.webhooks import WebhookHook
+
+            self.hook = WebhookHook(config)
         self._contexts: list[HttpContext] = []
         self._servers: list[tuple[uvicorn.Server, asyncio.Task[None]]] = []
         self._dispatcher: Dispatcher | None = None
         self._worker: Any = None
 
-    def install(self, broker: Any) -> None:
-        """Join the broker's ingest (webhook outbox rows in the events' transaction). Before start."""
-        if not self.config.webhooks:
-            return
-        from fishim.http.webhooks import WebhookHook
-
-        self.hook = WebhookHook(self.config)
-        add_hook = getattr(broker, "add_hook", None)
-        if add_hook is None:
-            log.error("webhooks configured but this broker has no ingest hooks: no deliveries will be queued")
-            return
-        add_hook(self.hook)
+    @property
+    def hooks(self) -> list[Any]:
+        """Ingest hooks to pass to :class:`~fishim.broker.ingest.BrokerIngest` (before it opens)."""
+        return [self.hook] if self.hook is not None else []
 
     async def start(self, broker: Any) -> None:
         """Open every http listener and start the dispatcher; raises ListenerError (one line) on failure."""
@@ -85,7 +82,7 @@ class HttpSide:
             self._worker = StoreWorker(self.config.store.path)
             self._dispatcher = Dispatcher(self.config, self._worker)
             if self.hook is not None:
-                self.hook.dispatcher = self._dispatcher
+                self.hook.attach(asyncio.get_running_loop(), self._dispatcher)
             self._dispatcher.start()
 
     async def _serve(self, listener: ListenerConfig, ctx: HttpContext) -> None:
@@ -122,6 +119,8 @@ class HttpSide:
     async def stop(self) -> None:
         """Stop the dispatcher, then each server (in-flight requests get a few seconds to finish)."""
         if self._dispatcher is not None:
+            if self.hook is not None:
+                self.hook.attach(None, None)
             await self._dispatcher.stop()
             self._dispatcher = None
         for server, _task in self._servers:

@@ -100,7 +100,11 @@ def _envelope(data: dict[str, Any], principal: Principal) -> dict[str, Any]:
 
 async def _submit(ctx: HttpContext, principal: Principal, order: str, data: dict[str, Any]) -> Response:
     payload = json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-    verdict = await ctx.broker.submit(principal, ctx.topic(order, "status"), payload, retain=True)
+    if getattr(ctx.broker, "ingest", None) is None:
+        raise HttpError(503, "unavailable", "this broker runs without its ingest (fishim broker): use fishim up")
+    verdict = await ctx.broker.submit(principal, ctx.topic(order, "status"), payload)
+    if verdict.outcome == "not_committed":
+        raise HttpError(503, "unavailable", "not stored: fishim is shutting down; try again")
     if verdict.outcome == "refused":
         err = verdict.error
         code = str(err.error) if err is not None else "refused"

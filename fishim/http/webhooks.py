@@ -18,7 +18,7 @@ import hmac
 import json
 import logging
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import httpx
@@ -31,7 +31,8 @@ from fishim.store import Store, now_ms
 log = logging.getLogger("fishim.http.webhooks")
 
 BATCH = 50
-IDLE_POLL_S = 5.0
+IDLE_POLL_S = 1.0  # also the most a delivery waits if the nudge after its commit came too early
+NUDGE_DELAY_S = 0.02
 SIGNATURE_HEADER = "X-Fishim-Signature"
 
 
@@ -92,14 +93,24 @@ def classify(channel: str, payload: bytes) -> tuple[str, str | None]:
 
 
 class WebhookHook:
-    """The ingest hook: outbox rows in the event's transaction, then a nudge to the dispatcher."""
+    """The ingest hook: outbox rows in the event's transaction, then a nudge to the dispatcher.
+
+    The hook runs on the ingest's writer thread before COMMIT, so the nudge is scheduled a moment
+    later on the loop; were it still early, the dispatcher's poll (``IDLE_POLL_S``) finds the rows.
+    """
 
     def __init__(self, config: Config) -> None:
         self.hooks = list(config.webhooks)
         self.wanted = {e for h in self.hooks for e in h.events}
-        self.dispatcher: Dispatcher | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._dispatcher: Dispatcher | None = None
 
-    def in_transaction(self, store: Store, committed: list[Any]) -> None:
+    def attach(self, loop: asyncio.AbstractEventLoop | None, dispatcher: Dispatcher | None) -> None:
+        """Whom to nudge after queueing (None, None: nobody, e.g. while stopping)."""
+        self._loop, self._dispatcher = loop, dispatcher
+
+    def in_transaction(self, store: Store, committed: Sequence[Any]) -> None:
+        queued = False
         for c in committed:
             channel = str(c.ref.channel)
             if channel not in self.wanted and channel != "notify":
@@ -110,10 +121,11 @@ class WebhookHook:
                 body = event_body(event, c.topic, c.ref.order, c.seq, c.order_seq, c.payload,
                                   getattr(order, "state", None))
                 enqueue(store, self.hooks, event, key or f"seq:{c.seq}", body, c.seq)
-
-    def after_commit(self, committed: list[Any]) -> None:
-        if self.dispatcher is not None:
-            self.dispatcher.wake()
+                queued = True
+        loop, dispatcher = self._loop, self._dispatcher
+        if queued and loop is not None and dispatcher is not None:
+            with contextlib.suppress(RuntimeError):  # the loop closed under us: the rows wait for next start
+                loop.call_soon_threadsafe(loop.call_later, NUDGE_DELAY_S, dispatcher.wake)
 
 
 class Dispatcher:
