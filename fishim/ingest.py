@@ -38,6 +38,7 @@ from fishim.messages import (
     Rejected,
     Status,
     decode,
+    near_misses,
     peek_identity,
 )
 from fishim.store import DeadLetter, EventRow, OrderRow, Store, now_ms
@@ -379,11 +380,22 @@ class Writer:
             return self._reject(m, ref, exc, work, msg.id, msg.sender)
         result = Result(Kind.STORED, ref, msg.id)
         result.events.append(self._accept(ref, m.topic, msg, d.text, outcome, work))
+        if msg.model_extra:
+            self._warn(m, msg, result, work.now)
         for follow in outcome.follow_ups:
             done = self._follow_up(follow, outcome.order.id, work)
             if done is not None:
                 result.events.append(done)
         return result
+
+    @staticmethod
+    def _warn(m: Inbound, msg: Message, result: Result, now: int) -> None:
+        """Stored, but a field looks misspelt: tell the sender (``unknown_field``), one message for all."""
+        misses = near_misses(msg)
+        if misses and not m.quiet:
+            result.error_to = m.user or msg.sender
+            result.error = ErrorMessage(topic=m.topic, id=msg.id, error=ErrorCode.UNKNOWN_FIELD, ts=now,
+                                        detail="; ".join(miss.rejected().detail for miss in misses))
 
     def _follow_up(self, follow: Status, order_id: str, work: Work) -> Committed | None:
         """An automatic status (``picking``/``packed``) from the service account, stored in this batch."""
