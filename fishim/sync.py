@@ -36,6 +36,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from fishim.config import Config
+from fishim.http.tokens import order_of_tracking_user
 from fishim.messages import (
     ErrorCode,
     ErrorMessage,
@@ -195,6 +196,8 @@ class SyncServer:
             allowed = _column_orders(conn, "rider", user)
         elif role == "customer":
             allowed = _column_orders(conn, "customer", user)
+        elif role is None and (tracked := order_of_tracking_user(user)) is not None:
+            allowed = {tracked}  # a tracking link's t-{order} (fishim.http.tokens): that order alone
         elif role is None:  # anonymous loopback mode: membership comes from `assigned` / `placed`
             allowed = _column_orders(conn, "rider", user) | _column_orders(conn, "customer", user)
         else:  # scanners (and any role fishim does not know) read no order

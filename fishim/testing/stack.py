@@ -30,7 +30,7 @@ import paho.mqtt.client as mqtt
 import yaml
 
 from fishim.config import Config
-from fishim.testing import free_port, wait_for_port
+from fishim.testing import Managed, free_port, wait_for_port
 
 __all__ = ["Stack"]
 
@@ -39,7 +39,7 @@ log = logging.getLogger("fishim.testing.stack")
 Kind = Literal["embedded", "mosquitto"]
 
 
-class Stack:
+class Stack(Managed):
     """Broker + bridge for ``db`` on ``127.0.0.1:port``.
 
     Args:
@@ -49,16 +49,19 @@ class Stack:
         probe: (username, password) for the readiness sync; anonymous ``probe`` by default (fine
             while the store has no accounts).
         port: listener port; a free one by default.
+        extra_listeners: more ``listeners`` entries (``ws``, ``http``) after the default tcp one.
     """
 
     def __init__(self, db: Path, *, kind: Kind = "embedded", config: Config | None = None,
-                 probe: tuple[str, str | None] = ("probe", None), port: int | None = None) -> None:
+                 probe: tuple[str, str | None] = ("probe", None), port: int | None = None,
+                 extra_listeners: list[dict[str, Any]] | None = None) -> None:
         self.db = Path(db).resolve()
         self.port = port or free_port()
         self.kind: Kind = kind
         base = (config or Config()).model_dump(mode="json")
         base["store"] = {"path": str(self.db)}
-        base["listeners"] = [{"name": "default", "type": "tcp", "bind": f"127.0.0.1:{self.port}"}]
+        base["listeners"] = [{"name": "default", "type": "tcp", "bind": f"127.0.0.1:{self.port}"},
+                             *(extra_listeners or [])]
         self.config = Config.model_validate(base)
         self.probe = probe
         self.workdir = Path(tempfile.mkdtemp(prefix="fishim-stack-"))
@@ -166,13 +169,3 @@ class Stack:
             self._mosquitto.close()
             self._mosquitto = None
         shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def __enter__(self) -> Stack:
-        try:
-            return self.start()
-        except BaseException:
-            self.close()
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
