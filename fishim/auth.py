@@ -293,7 +293,8 @@ class StoreAuthenticator:
 
     def _tracking(self, username: str, password: str | None) -> tuple[Principal | None, str]:
         """``t-{order}`` with a tracking link's token as password: the customer's rights on that order."""
-        from fishim.http.tokens import load_secret, order_of_tracking_user, read_token, token_problem
+        from fishim.http.tokens import load_secret, read_token, token_problem
+        from fishim.topics import order_of_tracking_user
 
         order = order_of_tracking_user(username)
         link = read_token(load_secret(self._reader.store_path), password or "") if order else None

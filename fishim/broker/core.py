@@ -599,6 +599,8 @@ class FishimBroker(Broker):
                 m.tag.settle(result, acks)
         for handler, packets in acks.items():
             self.background(handler.send_raw(b"".join(packets)))
+        if work.committed and self.ingest is not None:
+            self.ingest.after_commit(work.committed)
 
     def _deliver(self, m: Inbound, result: Result) -> None:
         """Route one committed result: its events (stamped), the sender's error, or a sync reply."""
