@@ -504,6 +504,8 @@ def test_will_on_a_forbidden_topic_refuses_the_connection(embedded_broker_factor
 
 
 def test_another_user_cannot_resume_someone_elses_session(embedded_broker_factory, paho):
+    """The client id belongs to the rider's session: bob gets CONNACK 0x02 and the rider's queue
+    is untouched (see tests/test_security_sessions.py for takeover and clean-session attempts)."""
     broker = acl_broker(embedded_broker_factory, {"rider": {"B2"}, "bob": {"B2"}})
     rider = login(paho, broker.port, "rider", "shared-id", clean_session=False)
     rider.subscribe(f"{B2}/#")
@@ -512,10 +514,10 @@ def test_another_user_cannot_resume_someone_elses_session(embedded_broker_factor
     staff = login(paho, broker.port, "staff")
     staff.publish(f"{B2}/chat/staff", b"for rider only")
     bob = login(paho, broker.port, "bob", "shared-id", clean_session=False)
-    assert not bob.session_present
-    bob.subscribe(f"{B2}/status")
-    staff.publish(f"{B2}/status", b"marker")
-    assert [m.payload for m in bob.until(f"{B2}/status")] == [b"marker"]
+    assert bob.refused and "identifier" in bob.reason.lower()
+    rider = login(paho, broker.port, "rider", "shared-id", clean_session=False)
+    assert rider.session_present
+    assert rider.get().payload == b"for rider only"
 
 
 def test_authorizer_observe_sees_only_the_service_accounts_publishes(embedded_broker_factory, paho):
@@ -680,13 +682,14 @@ def test_bridge_session_gets_a_window_of_two_batches_phones_keep_max_inflight(
     embedded_broker_factory, paho, raw_mqtt
 ):
     """The bridge PUBACKs only after COMMIT: with a phone-sized window it would idle between batches."""
-    broker = embedded_broker_factory(broker={"max_inflight": 5})
+    users = Users(staff=("staff-pw", "staff"), phone=("phone-pw", "rider"), svc=("svc-pw", "service"))
+    broker = embedded_broker_factory(broker={"max_inflight": 5}, authenticator=users)
     phone, bridge = raw_mqtt(broker.port), raw_mqtt(broker.port)
-    phone.connect("phone-1", clean=False)
-    bridge.connect("fishim-bridge", clean=False)  # the configured bridge.client_id (anonymous loopback)
+    phone.connect("phone-1", clean=False, username="phone", password="phone-pw")
+    assert bridge.connect("fishim-bridge", clean=False, username="svc", password="svc-pw") == (False, 0)
     phone.subscribe(f"{C3}/#")
     bridge.subscribe(f"{C3}/#")
-    staff = paho(broker.port, "staff")
+    staff = login(paho, broker.port, "staff")
     for n in range(20):
         staff.publish(f"{C3}/picks", str(n).encode())
 
