@@ -389,10 +389,18 @@ def _order_write(order: str, *channels: str) -> tuple[Template, ...]:
 
 
 _STAFF_WRITE = _order_write("<any>", "status", "location", "picks", "chat", "receipts") + _WRITE_OWN
+# Only fishim itself (the service account, or the broker on its own behalf) writes what people read
+# as fishim's word: errors/{user}, presence/..., notify/..., system/... and sync replies. The
+# anonymous loopback principal (no accounts yet) writes the order tree and sync requests, no more.
+_ANONYMOUS_WRITE: tuple[Template, ...] = (
+    *(("orders", "<any>", ch) for ch in _ORDER_LEAVES),
+    ("orders", "<any>", "chat", "<any>"), ("orders", "<any>", "receipts", "<any>"),
+    ("sync", "<any>", "<any>", "request"),
+)
 
 # role -> (read templates, write templates). Role None is the anonymous loopback principal.
 POLICY: dict[str | None, tuple[tuple[Template, ...], tuple[Template, ...]]] = {
-    None: (_EVERYTHING, _EVERYTHING),
+    None: (_EVERYTHING, _ANONYMOUS_WRITE),
     Role.SERVICE: (_EVERYTHING, _EVERYTHING),
     Role.OWNER: (_EVERYTHING, _STAFF_WRITE),
     Role.STAFF: (_order_read("<any>") + _READ_OWN, _STAFF_WRITE),

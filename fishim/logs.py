@@ -79,7 +79,7 @@ LOG_VALUE_MAX = 200
 """Characters of one client-supplied value (user name, client id, topic...) that reach a log line."""
 LOG_MESSAGE_MAX = 8192
 """Characters of one rendered log message (tracebacks aside); the rest is cut and counted."""
-_SAFE_LOG_VALUE = re.compile(r"^[A-Za-z0-9_.:@/+#$\[\]-]+$")
+_SAFE_LOG_VALUE = re.compile(r"^[A-Za-z0-9_.,|:@/+#$\[\]-]+$")
 
 
 def clip(value: object, limit: int = LOG_VALUE_MAX) -> str:
