@@ -236,14 +236,14 @@ class StoreAuthenticator:
       time without argon2, and always lets the bridge in; wrong guesses at it are counted and
       logged like any other, from loopback too.
     - At most ``limits.max_concurrent_logins`` password checks run or wait at once (argon2 runs on
-      two worker threads); a CONNECT past that raises :class:`LoginBusy` at once (CONNACK 0x03), so
+      one worker thread); a CONNECT past that raises :class:`LoginBusy` at once (CONNACK 0x03), so
       a login storm cannot build a backlog that times out everyone else's login.
 
     Passwords are never logged. An unknown user costs one argon2 verify too, so timing doesn't tell
     which names exist.
     """
 
-    WORKERS = 2  # argon2 is CPU-bound and releases the GIL: one thread per core of a shop PC
+    WORKERS = 1  # argon2 is CPU-bound (and releases the GIL): the other core stays with the broker
 
     def __init__(self, store_path: Path | str, config: Config,
                  clock: Callable[[], float] = time.monotonic) -> None:

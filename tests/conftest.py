@@ -385,7 +385,7 @@ def raw_mqtt() -> Iterator[Callable[[int], RawMqtt]]:
 
 
 # ==== security fixtures (fishim/auth.py; tests/test_security_*.py) =================================
-# secure_broker_factory: start(db, listeners=[...], limits={...}) -> BrokerThread running fishim's
+# secure_broker_factory: start(db, listeners=[...], limits={...}, broker={...}) -> BrokerThread running fishim's
 # own StoreAuthenticator and OrderAcl over the store at ``db`` (thread.acl is the OrderAcl).
 # Module-scoped, so a whole access table runs against one broker.
 @pytest.fixture(scope="module")
@@ -396,8 +396,8 @@ def secure_broker_factory() -> Iterator[Callable[..., BrokerThread]]:
     started: list[tuple[BrokerThread, StoreAuthenticator, OrderAcl]] = []
 
     def start(db: Any, *, listeners: list[ListenerConfig] | None = None,
-              limits: dict[str, Any] | None = None) -> BrokerThread:
-        config = broker_config(limits=limits, listeners=listeners).model_copy(
+              limits: dict[str, Any] | None = None, broker: dict[str, Any] | None = None) -> BrokerThread:
+        config = broker_config(limits=limits, listeners=listeners, broker=broker).model_copy(
             update={"store": StoreConfig(path=db)})
         authenticator, acl = StoreAuthenticator(db, config), OrderAcl(db, config)
         thread = BrokerThread(config, authenticator=authenticator, authorizer=acl)

@@ -287,7 +287,8 @@ class GuardedReader(ReaderAdapter):
         return request
 
     def limit_publish_rate(self, rate: float, burst: int) -> None:
-        """At most ``rate`` PUBLISH packets a second on average, ``burst`` at once (0: no limit).
+        """At most ``rate`` PUBLISH and SUBSCRIBE packets a second on average, ``burst`` at once
+        (0: no limit). SUBSCRIBE counts because each one makes the broker send retained messages.
 
         A token bucket checked before a PUBLISH is handed to amqtt: when it is empty, this
         connection's reader waits for the next token, so a flooder is slowed down by TCP
@@ -297,7 +298,7 @@ class GuardedReader(ReaderAdapter):
         self._tokens, self._refilled = float(burst), self._loop.time()
 
     async def _pace(self) -> None:
-        """Take one PUBLISH token, waiting for it if the bucket is empty."""
+        """Take one token, waiting for it if the bucket is empty."""
         now = self._loop.time()
         self._tokens = min(self._burst, self._tokens + (now - self._refilled) * self._rate)
         self._refilled = now
@@ -360,7 +361,7 @@ class GuardedReader(ReaderAdapter):
         try:
             ptype, flags, body = await self._read_packet()
             self._check(ptype, flags, body)
-            if ptype == PUBLISH and self._rate:
+            if self._rate and ptype in (PUBLISH, SUBSCRIBE):
                 await self._pace()
         except EOFError:
             self._eof = True
