@@ -40,6 +40,7 @@ class LatencyProbe:
         subscriber.message_callback_add(topic, self._on_message)
         subscriber.subscribe_and_wait(topic)
         self._stop = threading.Event()
+        self._counted = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="latency-probe", daemon=True)
 
     def _on_message(self, _c: Any, _u: Any, msg: Any) -> None:
@@ -61,10 +62,18 @@ class LatencyProbe:
                 if payload == tag:
                     self.samples.append((arrived - sent) * 1000)
                     break
+            with self._counted:
+                self._counted.notify_all()
             self._stop.wait(self.PACE_S)  # pacing between probes, not synchronisation
 
     def count(self) -> int:
         return len(self.samples)
+
+    def wait_samples(self, n: int, timeout: float = 30.0) -> None:
+        """Block until ``n`` probes have been measured (while the caller's attack runs elsewhere)."""
+        with self._counted:
+            assert self._counted.wait_for(lambda: len(self.samples) >= n, timeout), \
+                f"only {len(self.samples)} probes in {timeout}s"
 
     def p99(self) -> float:
         ordered = sorted(self.samples)
