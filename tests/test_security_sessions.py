@@ -116,11 +116,11 @@ def test_anonymous_loopback_and_a_named_user_are_different_principals(
     port = broker.port
     with connect_client(port, "dev-1", username="r7", clean_session=False) as anonymous:
         anonymous.subscribe_and_wait("fishim/orders/#")
-        assert raw_connect(raw_mqtt, port, "fishim-bridge", None, None) == IDENTIFIER_REJECTED
     with Store(db) as store:
         add_user(store, "r7", "rider", "r7-password")
     assert raw_connect(raw_mqtt, port, "dev-1", "r7", "r7-password", clean=False) == IDENTIFIER_REJECTED
     assert raw_connect(raw_mqtt, port, "dev-2", "r7", "r7-password", clean=False) == 0
+    assert raw_connect(raw_mqtt, port, "fishim-bridge", "r7", "r7-password") == IDENTIFIER_REJECTED
     assert raw_connect(raw_mqtt, port, "fishim-bridge", SERVICE, secret, clean=False) == 0
 
 
