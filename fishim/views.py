@@ -105,7 +105,7 @@ def summarize(channel: str, sender: str, payload: dict[str, Any]) -> str:
         text = f"{payload.get('sku')} x{payload.get('qty')} by {payload.get('scanner') or sender}"
         return text + (f" bin {payload['bin']}" if payload.get("bin") else "")
     if channel == "receipts":
-        return f"{sender} read up to #{payload.get('read_up_to')}"
+        return f"{sender} read up to order #{payload.get('read_up_to')}"
     return json.dumps(payload)[:80]
 
 
@@ -208,3 +208,10 @@ def stats(store: Store, now: int, broker: dict[str, Any] | None) -> dict[str, An
         "db_path": str(store.path),
         "db_bytes": store.file_bytes(),
     }
+
+
+def devices_view(store: Store, user: str | None) -> dict[str, Any]:
+    """``fishim devices``: each device's last acknowledged cursor, and how far behind the store it is."""
+    top = store.max_seq()
+    return {"user": user, "max_seq": top,
+            "devices": [{**d.model_dump(), "behind": max(top - d.cursor, 0)} for d in store.devices(user)]}

@@ -129,10 +129,10 @@ def test_anonymous_loopback_and_a_named_user_are_different_principals(
 def test_a_session_that_stays_away_expires_and_frees_its_client_id(
         shop: tuple[Path, dict[str, str]], secure_broker_factory: Callable[..., Any], raw_mqtt: Any,
         caplog: pytest.LogCaptureFixture) -> None:
-    """``broker.session_expiry_days``: the session, its queue and its claim on the id go; the
+    """``broker.session_expiry``: the session, its queue and its claim on the id go; the
     service account's session stays."""
     db, passwords = shop
-    broker = secure_broker_factory(db, broker={"session_expiry_days": 1.0 / 86_400, "account_check_interval": 0.1})
+    broker = secure_broker_factory(db, broker={"session_expiry": "1s", "account_check_interval": 0.1})
     port = broker.port
     caplog.set_level(logging.INFO, logger="fishim.broker")
     with login(port, passwords, SERVICE, "fishim-bridge", clean_session=False) as bridge:
