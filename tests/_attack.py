@@ -93,7 +93,7 @@ class LatencyProbe:
                 f"max {ordered[-1]:.1f} ms")
 
 
-def keep_attacking(probe: LatencyProbe, attack: Any, *, samples: int = 100, timeout: float = 30.0) -> int:
+def keep_attacking(probe: LatencyProbe, attack: Any, *, samples: int = 200, timeout: float = 40.0) -> int:
     """Run ``attack()`` again and again until the probe has ``samples`` measurements taken while it
     ran; returns how many rounds it took. Bounded by ``timeout``."""
     deadline = time.monotonic() + timeout
