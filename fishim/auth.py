@@ -389,17 +389,12 @@ def _order_write(order: str, *channels: str) -> tuple[Template, ...]:
 
 _STAFF_WRITE = _order_write("<any>", "status", "location", "picks", "chat", "receipts") + _WRITE_OWN
 # Only fishim itself (the service account, or the broker on its own behalf) writes what people read
-# as fishim's word: errors/{user}, presence/..., notify/..., system/... and sync replies. The
-# anonymous loopback principal (no accounts yet) writes the order tree and sync requests, no more.
-_ANONYMOUS_WRITE: tuple[Template, ...] = (
-    *(("orders", "<any>", ch) for ch in _ORDER_LEAVES),
-    ("orders", "<any>", "chat", "<any>"), ("orders", "<any>", "receipts", "<any>"),
-    ("sync", "<any>", "<any>", "request"),
-)
+# as fishim's word, whatever a role's templates say (the anonymous loopback principal's say "#"):
+_FISHIM_ONLY = frozenset(("errors", "presence", "notify", "system"))  # first levels; and sync replies
 
 # role -> (read templates, write templates). Role None is the anonymous loopback principal.
 POLICY: dict[str | None, tuple[tuple[Template, ...], tuple[Template, ...]]] = {
-    None: (_EVERYTHING, _ANONYMOUS_WRITE),
+    None: (_EVERYTHING, _EVERYTHING),
     Role.SERVICE: (_EVERYTHING, _EVERYTHING),
     Role.OWNER: (_EVERYTHING, _STAFF_WRITE),
     Role.STAFF: (_order_read("<any>") + _READ_OWN, _STAFF_WRITE),
@@ -461,7 +456,19 @@ class OrderAcl:
     def may_publish(self, principal: Principal, topic: str) -> bool:
         if not topic or "+" in topic or "#" in topic:
             return False
+        if principal.role != Role.SERVICE and self._fishim_only(topic):
+            return False
         return self._topic_allowed(principal, topic, write=True)
+
+    def _fishim_only(self, topic: str) -> bool:
+        """``errors/…``, ``presence/…``, ``notify/…``, ``system/…`` and sync replies: fishim's voice.
+
+        Nobody but the service account may publish there, so no one can make a message on
+        ``errors/{user}`` reach another user as if fishim had said it."""
+        if not topic.startswith(self._head):
+            return False
+        levels = topic[len(self._head):].split("/")
+        return levels[0] in _FISHIM_ONLY or (levels[0] == "sync" and levels[-1] == "events")
 
     def may_subscribe(self, principal: Principal, topic_filter: str) -> bool:
         """Allowed if the principal could read SOME topic the filter matches; what is delivered is

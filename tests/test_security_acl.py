@@ -77,9 +77,9 @@ def test_table_against_order_acl(shop: tuple[Path, dict[str, str]]) -> None:
 
 
 def test_anonymous_and_unknown_roles(shop: tuple[Path, dict[str, str]]) -> None:
-    """Anonymous (loopback, no users yet) may read everything under the prefix and write the order
-    tree and sync requests, but never what only fishim says (errors, presence, notify, system, sync
-    replies); nothing outside the prefix. An account with a role this version doesn't know may do
+    """Anonymous (loopback, no users yet) may read and write everything under the prefix, except
+    that it never writes what only fishim says (errors, presence, notify, system, sync replies);
+    nothing outside the prefix. An account with a role this version doesn't know may do
     nothing."""
     acl = OrderAcl(shop[0], Config())
     anonymous, odd = Principal(), Principal(username="x", role="auditor")
@@ -88,7 +88,8 @@ def test_anonymous_and_unknown_roles(shop: tuple[Path, dict[str, str]]) -> None:
                       "fishim/system/membership", "fishim/errors/c1"):
             assert acl.may_receive(anonymous, topic)
             assert not acl.may_publish(odd, topic) and not acl.may_receive(odd, topic)
-        for topic in ("fishim/orders/A2/chat/c2", "fishim/orders/A2/status", "fishim/sync/u/d/request"):
+        for topic in ("fishim/orders/A2/chat/c2", "fishim/orders/A2/status", "fishim/sync/u/d/request",
+                      "fishim/orders/A2/bogus"):  # the ingest explains what is wrong with a bogus one
             assert acl.may_publish(anonymous, topic)
         for topic in ("fishim/errors/c1", "fishim/presence/c1", "fishim/notify/c1", "fishim/system/membership",
                       "fishim/sync/u/d/events"):

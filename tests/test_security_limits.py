@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 from _attack import P99_BOUND_MS, LatencyProbe, keep_attacking, raw_from
 from _security_shop import SERVICE, make_shop
-from conftest import connect_packet, mqtt_packet, mqtt_string, publish_packet
 
+from fishim.testing import packets
 from fishim.testing.mqtt import Collector, MqttClient, connect_client, publish_and_wait
 
 SERVER_UNAVAILABLE, NOT_AUTHORIZED = 0x03, 0x05
@@ -43,8 +43,8 @@ def login(port: int, passwords: dict[str, str], user: str, client_id: str, **kwa
 
 
 def subscribe_many(filters: list[str], packet_id: int = 1, qos: int = 1) -> bytes:
-    body = struct.pack("!H", packet_id) + b"".join(mqtt_string(f) + bytes([qos]) for f in filters)
-    return mqtt_packet(0x82, body)
+    body = struct.pack("!H", packet_id) + b"".join(packets.string(f) + bytes([qos]) for f in filters)
+    return packets.packet(0x82, body)
 
 
 class Probed:
@@ -170,7 +170,7 @@ def test_filters_per_session_are_bounded(shop: tuple[Path, dict[str, str]],
     assert subscribe(first, 1) == [1] * 64
     assert subscribe(second, 2) == [1] * 36 + [0x80] * 28
     assert subscribe(first[:5], 3) == [1] * 5  # re-subscribing a held filter replaces it
-    client.send(mqtt_packet(0xA2, struct.pack("!H", 4) + b"".join(mqtt_string(f) for f in first[:10])))
+    client.send(packets.packet(0xA2, struct.pack("!H", 4) + b"".join(packets.string(f) for f in first[:10])))
     assert client.read() is not None  # UNSUBACK
     assert subscribe(second[36:50], 5) == [1] * 10 + [0x80] * 4
 
@@ -220,7 +220,7 @@ def test_a_flooding_client_is_slowed_down_without_touching_anyone_else(
     flood = Collector(watcher, f"{A1}/chat/c1", qos=0)
     flooder = raw_from(broker.port, ATTACKER)
     assert flooder.connect("c1-flood", username="c1", password=passwords["c1"]) == (False, 0)
-    chunk = publish_packet(f"{A1}/chat/c1", b'{"text":"' + b"x" * 16_000 + b'"}') * 16
+    chunk = packets.publish(f"{A1}/chat/c1", b'{"text":"' + b"x" * 16_000 + b'"}') * 16
     stop = threading.Event()
 
     def run_flood() -> None:
@@ -268,7 +268,7 @@ def test_a_login_storm_is_answered_at_once_and_the_owner_still_gets_in(
         sockets = [raw_from(broker.port, ATTACKER) for _ in range(40)]
         try:
             for n, sock in enumerate(sockets):
-                sock.send(connect_packet(f"storm-{n}", username=f"storm{rounds[0]}x{n}", password="guess"))
+                sock.send(packets.connect(f"storm-{n}", username=f"storm{rounds[0]}x{n}", password="guess"))
             owner = raw_from(broker.port, "127.0.0.1")
             try:
                 _present, code = owner.connect("boss-storm", username="boss", password=passwords["boss"])
