@@ -389,7 +389,9 @@ def _order_write(order: str, *channels: str) -> tuple[Template, ...]:
 
 _STAFF_WRITE = _order_write("<any>", "status", "location", "picks", "chat", "receipts") + _WRITE_OWN
 # Only fishim itself (the service account, or the broker on its own behalf) writes what people read
-# as fishim's word, whatever a role's templates say (the anonymous loopback principal's say "#"):
+# as fishim's word, whatever an account's role templates say. The anonymous loopback principal
+# (no accounts yet) is exempt: a bridge run beside `fishim broker` without credentials is anonymous
+# too, and every local client is equally trusted until the first account exists.
 _FISHIM_ONLY = frozenset(("errors", "presence", "notify", "system"))  # first levels; and sync replies
 
 # role -> (read templates, write templates). Role None is the anonymous loopback principal.
@@ -456,14 +458,14 @@ class OrderAcl:
     def may_publish(self, principal: Principal, topic: str) -> bool:
         if not topic or "+" in topic or "#" in topic:
             return False
-        if principal.role != Role.SERVICE and self._fishim_only(topic):
+        if principal.role not in (Role.SERVICE, None) and self._fishim_only(topic):
             return False
         return self._topic_allowed(principal, topic, write=True)
 
     def _fishim_only(self, topic: str) -> bool:
         """``errors/…``, ``presence/…``, ``notify/…``, ``system/…`` and sync replies: fishim's voice.
 
-        Nobody but the service account may publish there, so no one can make a message on
+        No account but the service account may publish there, so no one can make a message on
         ``errors/{user}`` reach another user as if fishim had said it."""
         if not topic.startswith(self._head):
             return False
