@@ -8,14 +8,43 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 DEFAULT_CONFIG = Path("broker.yaml")
 NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+
+
+_DURATION = re.compile(r"(\d+)\s*([smhdw])", re.IGNORECASE)
+_UNIT_MS = {"s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
+
+
+def parse_duration(text: str) -> int:
+    """``90s``, ``15m``, ``2h``, ``1h30m``, ``3d``, ``1w`` → milliseconds; ValueError otherwise."""
+    cleaned = text.strip().lower()
+    parts = _DURATION.findall(cleaned)
+    if not parts or _DURATION.sub("", cleaned).strip():
+        raise ValueError(f"not a duration: {text!r} (try 90s, 15m, 2h, 1h30m, 3d)")
+    return sum(int(n) * _UNIT_MS[unit.lower()] for n, unit in parts)
+
+
+def _duration_ms(value: Any) -> Any:
+    """broker.yaml durations: ``90s``/``5m`` text, or a bare number of seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration like 90s or 5m")
+    if isinstance(value, int | float):
+        return int(value * 1000)
+    if isinstance(value, str):
+        return parse_duration(value)
+    return value
+
+
+DurationMs = Annotated[int, BeforeValidator(_duration_ms), Field(ge=0)]
+"""A duration in broker.yaml (``90s``, ``5m``, ``1h30m`` or seconds), held as milliseconds."""
 
 
 class ConfigError(Exception):
@@ -103,6 +132,47 @@ class LoggingConfig(_Strict):
     file: Path | None = None
 
 
+Priority = Literal["urgent", "high", "normal", "low"]
+_QUIET = r"^([01]\d|2[0-3]):[0-5]\d-([01]\d|2[0-3]):[0-5]\d$"
+
+
+class AlertsConfig(_Strict):
+    """``alerts:``: how long each condition may last before someone is told (fishim.alerts)."""
+
+    enabled: bool = True
+    mention_after: DurationMs = 10_000  # a mention read within this long needs no notification
+    status_after: DurationMs = 5_000  # status notices to customers wait this long (and coalesce)
+    unanswered_customer_after: DurationMs = 300_000
+    escalate_after: DurationMs = 600_000  # an alert open this long goes to the owner, once
+    unassigned_packed_after: DurationMs = 600_000
+    pickup_overdue_after: DurationMs = 900_000
+    rider_offline_after: DurationMs = 300_000
+    order_late_after: DurationMs = 0  # grace after an order's eta
+    delivery_failed_after: DurationMs = 0
+    push_delay: DurationMs = 120_000  # off-app push only if the notification is still unread by then
+    push_attempts: int = Field(default=5, ge=1, le=20)
+    push_backoff: DurationMs = 5_000  # first retry delay; doubles per attempt
+    tick: DurationMs = Field(default=1_000, gt=0)  # how often deadlines are checked
+    timezone: str | None = None  # IANA name for quiet hours; the machine's local time if unset
+    quiet_hours: dict[str, Annotated[str, Field(pattern=_QUIET)]] = Field(default_factory=dict)  # user: HH:MM-HH:MM
+
+
+class PushTarget(_Strict):
+    """One ``push:`` entry: an apprise URL and who it is for (by role or by user name)."""
+
+    url: str = Field(min_length=3)
+    roles: list[Literal["owner", "staff", "rider", "customer"]] | None = None
+    users: list[Annotated[str, Field(pattern=NAME_PATTERN)]] | None = None
+    min_priority: Priority = "high"
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        if "://" not in value:
+            raise ValueError("not an apprise URL (scheme://...)")
+        return value
+
+
 class Config(_Strict):
     """The whole of broker.yaml."""
 
@@ -113,6 +183,8 @@ class Config(_Strict):
     broker: BrokerSettings = BrokerSettings()
     bridge: BridgeConfig = BridgeConfig()
     logging: LoggingConfig = LoggingConfig()
+    alerts: AlertsConfig = AlertsConfig()
+    push: list[PushTarget] = Field(default_factory=list)
 
     @property
     def listener(self) -> ListenerConfig:

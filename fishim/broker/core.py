@@ -60,7 +60,8 @@ from fishim.broker.wire import (
     unsuback,
 )
 from fishim.config import Config, ListenerConfig, TlsConfig
-from fishim.topics import TopicError, is_name, matches, parse
+from fishim.presence import PresenceTracker, Token
+from fishim.topics import TopicError, Topics, is_name, matches, parse
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -111,6 +112,7 @@ class FishimHandler(BrokerProtocolHandler):
     """
 
     graceful = False
+    presence: Token | None = None  # this connection's place in the user's presence (fishim.presence)
 
     def __init__(self, core: FishimBroker, guard: GuardedReader) -> None:
         super().__init__(core.plugins_manager, loop=core._loop)
@@ -219,6 +221,12 @@ class FishimBroker(Broker):
         self._connections: set[asyncio.Task[Any]] = set()
         self._background: set[asyncio.Future[Any]] = set()
         self._match_cache: dict[str, list[str]] = {}
+        self.presence = PresenceTracker(Topics(config.prefix), self._publish_presence)
+
+    def _publish_presence(self, topic: str, payload: bytes) -> None:
+        """fishim's own retained message: routed (receive-checked) and kept for later subscribers."""
+        self.route(topic, payload, QOS_1)
+        self.store_retained(topic, payload, QOS_1)
 
     # -- listeners ---------------------------------------------------------------------------
 
@@ -344,6 +352,7 @@ class FishimBroker(Broker):
                                     keepalive=request.keepalive))
         if self._is_current(session, handler):  # not if taken over meanwhile: the outbox is no longer ours
             state_of(session).outbox.attach(handler, partial(self.authorizer.may_receive, principal), guard.abort)
+            handler.presence = self.presence.connected(principal.username, principal.role, request.client_id)
         await handler.start()  # the reader: from here on SUBSCRIBEs queue their SUBACK in the outbox
         return session, handler
 
@@ -459,6 +468,7 @@ class FishimBroker(Broker):
             self._discard(session)
         reason = handler.guard.close_reason or ("disconnect" if handler.graceful else "connection_lost")
         log.info("disconnected %s", kv(client_id=session.client_id, reason=reason))
+        self.presence.disconnected(handler.presence)
 
     def _is_current(self, session: Session, handler: BrokerProtocolHandler) -> bool:
         return self._sessions.get(session.client_id or "", (None, None))[1] is handler
