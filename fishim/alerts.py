@@ -30,6 +30,7 @@ from pydantic import BaseModel, Field
 
 from fishim.config import AlertsConfig, Priority, PushTarget
 from fishim.messages import PRIORITY_RANK, Notification
+from fishim.store import AlertRecord
 
 Reason = Literal["mention", "unanswered_customer", "unassigned_packed", "pickup_overdue", "rider_offline",
                  "order_late", "delivery_failed"]
@@ -97,6 +98,11 @@ class Alert(BaseModel):
     @property
     def live(self) -> bool:
         return self.state != "closed"
+
+    def record(self, now: int) -> AlertRecord:
+        """The store row (indexed columns and the whole alert as JSON)."""
+        return AlertRecord(self.id, self.order, self.reason, self.priority, self.state, self.due_at, now,
+                           self.model_dump_json())
 
 
 class Outgoing(BaseModel):

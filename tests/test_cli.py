@@ -75,7 +75,7 @@ def test_orders_list_table_masks_phone_customers(shop: Path) -> None:
     result = run(shop, "orders", "list")
     assert result.exit_code == 0
     lines = result.output.splitlines()
-    assert lines[0].split() == ["ID", "STATE", "CUSTOMER", "RIDER", "AGE", "UNREAD", "C/R", "LAST"]
+    assert lines[0].split() == ["ID", "STATE", "ALERTS", "CUSTOMER", "RIDER", "AGE", "UNREAD", "C/R", "LAST"]
     assert [line.split()[0] for line in lines[1:]] == ["A104", "A103", "A102", "A101", "A100"]
     assert "13812345678" not in result.output and "*********78" in result.output
     row = next(line for line in lines if line.startswith("A101"))
