@@ -675,7 +675,12 @@ def alerts(click_ctx: click.Context, open_only: bool, as_json: bool) -> None:
 @click.option("--by", "by_user", default=None, help="Who acknowledges (shown in the alert; default $USER).")
 @pass_ctx
 def alerts_ack(ctx: Ctx, alert_id: str, by_user: str | None) -> None:
-    """Acknowledge an alert: it closes and is not escalated; the running service applies it within a tick."""
+    """Acknowledge an alert: it closes and is not escalated; the running service applies it within a tick.
+
+    \b
+    Example:
+      fishim alerts ack al-3f2a9c1b7d4e --by boss
+    """
     from fishim.alerts import Alert
     from fishim.store import Store, StoreError
 
