@@ -202,7 +202,7 @@ class AlertService:
             if kind == "stop":
                 break
             try:
-                self.step([(kind, value), *self._drain()])
+                self.step([(kind, value)])
             except Exception:
                 log.exception("alert worker step failed")
             if time.monotonic() >= next_tick:
@@ -217,10 +217,11 @@ class AlertService:
                 return items
 
     def step(self, inputs: Iterable[tuple[str, Any]] = ()) -> Changes:
-        """Apply inputs, then acks from the store and a tick; save and send what changed."""
+        """Apply ``inputs`` and everything queued, then acks from the store and a tick; save and send
+        what changed."""
         changes = Changes()
         with self._lock:
-            for kind, value in inputs:
+            for kind, value in [*inputs, *self._drain()]:
                 if kind == "fact":
                     changes.extend(self.engine.observe(value))
                 elif kind == "presence":

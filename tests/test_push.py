@@ -1,0 +1,166 @@
+"""Off-app push through apprise to a real local HTTP receiver (apprise's ``json://`` webhook).
+
+The alert service runs on a real store with an injected clock; apprise really POSTs. The owner is
+offline (no session), the shop has no staff account, so an unanswered customer is the owner's.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from fishim.alerts import Fact, OrderFacts
+from fishim.cli import main
+from fishim.config import Config
+from fishim.messages import Notification
+from fishim.notify import AlertService
+from fishim.store import OrderRow, Store, UserRow
+
+T0 = 1_794_000_000_000
+S = 1000
+
+
+class Receiver:
+    """A loopback HTTP server that records every POST body; answers ``status`` to each."""
+
+    def __init__(self, status: int = 200) -> None:
+        self.bodies: queue.Queue[dict[str, object]] = queue.Queue()
+        bodies, code = self.bodies, status
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length", 0))
+                bodies.put(json.loads(self.rfile.read(length)))
+                self.send_response(code)
+                self.end_headers()
+
+            def log_message(self, *_args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver()
+    yield r
+    r.close()
+
+
+@pytest.fixture
+def failing() -> Iterator[Receiver]:
+    r = Receiver(status=500)
+    yield r
+    r.close()
+
+
+class Shop:
+    """A store with an owner and one customer, orders O1..O3 placed, and the service on a fake clock."""
+
+    def __init__(self, db: Path, urls: list[str]) -> None:
+        self.now = T0
+        with Store(db) as store:
+            for name, role in (("boss", "owner"), ("cust", "customer")):
+                store.put_user(UserRow(name=name, role=role, password_hash="-", created_at=T0))
+            with store.transaction():
+                for order in ("O1", "O2", "O3"):
+                    store.put_order(OrderRow(id=order, state="confirmed", customer="cust", created_at=T0,
+                                             updated_at=T0, last_seq=1, order_seq=1))
+        self.config = Config.model_validate({
+            "store": {"path": str(db)},
+            "alerts": {"unanswered_customer_after": "60s", "push_delay": "2m", "push_attempts": 2,
+                       "push_backoff": 0.05},
+            "push": [{"url": url, "roles": ["owner"], "min_priority": "high"} for url in urls]})
+        self.sent: list[tuple[str, Notification]] = []
+        self.service = AlertService(self.config, lambda user, note: self.sent.append((user, note)),
+                                    online=lambda _user: False, clock=lambda: self.now, run_thread=False)
+        self.seq = {"O1": 1, "O2": 1, "O3": 1}
+
+    def fact(self, order: str, channel: str, sender: str, **body: object) -> None:
+        self.seq[order] += 1
+        facts = OrderFacts(id=order, state="confirmed", customer="cust", order_seq=self.seq[order])
+        self.service.step([("fact", Fact(order=facts, order_seq=self.seq[order], channel=channel, sender=sender,
+                                         **body))])  # type: ignore[arg-type]
+
+    def advance(self, ms: int) -> None:
+        self.now += ms
+        self.service.step()
+
+
+def test_unread_alert_is_pushed_to_the_offline_owner_once_push_delay_passed(tmp_path: Path,
+                                                                             receiver: Receiver) -> None:
+    shop = Shop(tmp_path / "shop.db", [f"json://127.0.0.1:{receiver.port}/fishim"])
+    try:
+        shop.fact("O1", "chat", "cust")
+        shop.advance(61 * S)
+        assert [(u, n.priority, n.order) for u, n in shop.sent] == [("boss", "urgent", "O1")]
+        shop.advance(60 * S)
+        assert receiver.bodies.empty()  # push_delay (2m) not over yet
+        shop.advance(61 * S)
+        body = receiver.bodies.get(timeout=20)
+        assert "urgent" in body["title"] and "O1" in body["title"]
+        assert "priority: urgent" in body["message"] and "order: O1" in body["message"]
+        assert body["type"] == "failure"  # apprise's loudest type for urgent
+    finally:
+        shop.service.close()
+
+
+def test_nothing_is_pushed_when_the_owner_reads_within_push_delay(tmp_path: Path, receiver: Receiver) -> None:
+    shop = Shop(tmp_path / "shop.db", [f"json://127.0.0.1:{receiver.port}/fishim"])
+    try:
+        shop.fact("O2", "chat", "cust")
+        shop.advance(61 * S)
+        about = shop.seq["O2"]
+        shop.advance(30 * S)
+        shop.fact("O2", "receipts", "boss", member="boss", read_up_to=about)  # read on another device
+        shop.fact("O3", "chat", "cust")  # the marker: unread, so its push must come
+        shop.advance(61 * S)
+        shop.advance(125 * S)
+        body = receiver.bodies.get(timeout=20)
+        # O2's push would have been due before O3's, and one thread sends them in order: had it been
+        # sent, it would have arrived first
+        assert "O3" in body["title"]
+        assert receiver.bodies.empty()
+    finally:
+        shop.service.close()
+
+
+def test_a_failed_push_is_retried_then_shown_by_fishim_alerts(tmp_path: Path, failing: Receiver) -> None:
+    db = tmp_path / "shop.db"
+    shop = Shop(db, [f"json://127.0.0.1:{failing.port}/fishim"])
+    try:
+        shop.fact("O1", "chat", "cust")
+        shop.advance(61 * S)
+        shop.advance(121 * S)
+        failing.bodies.get(timeout=20)
+        failing.bodies.get(timeout=20)  # retried once (push_attempts: 2) after push_backoff
+        deadline = time.monotonic() + 20
+        while not shop.service.store.failed_pushes():
+            assert time.monotonic() < deadline, "push never marked failed"
+            time.sleep(0.02)
+        shop.service.step()  # the worker records the failure on the alert
+    finally:
+        shop.service.close()
+    result = CliRunner().invoke(main, ["alerts", "--json"], env={"FISHIM_DB": str(db)})
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert [a["reason"] for a in data["alerts"]] == ["unanswered_customer"]
+    assert data["alerts"][0]["push_error"].startswith("boss:")
+    assert [(f["user"], f["attempts"]) for f in data["push_failures"]] == [("boss", 2)]
+    text = CliRunner().invoke(main, ["alerts"], env={"FISHIM_DB": str(db)}).output
+    assert "push failed" in text
