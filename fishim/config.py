@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, ValidationError, field_validator
 
 DEFAULT_CONFIG = Path("broker.yaml")
 NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
@@ -43,8 +43,10 @@ def _duration_ms(value: Any) -> Any:
     return value
 
 
-DurationMs = Annotated[int, BeforeValidator(_duration_ms), Field(ge=0)]
-"""A duration in broker.yaml (``90s``, ``5m``, ``1h30m`` or seconds), held as milliseconds."""
+DurationMs = Annotated[int, BeforeValidator(_duration_ms), Field(ge=0),
+                       PlainSerializer(lambda ms: ms / 1000, return_type=float)]
+"""A duration in broker.yaml (``90s``, ``5m``, ``1h30m`` or seconds), held as milliseconds and dumped
+as seconds, so ``model_dump()`` -> ``model_validate()`` gives the same config back."""
 
 
 class ConfigError(Exception):

@@ -371,3 +371,22 @@ def test_push_is_planned_after_push_delay_and_dropped_once_read() -> None:
     shop2.read("staff1")
     shop2.advance(shop2.config.push_delay + 2 * S)
     assert [p for c in shop2.changes for p in c.pushes] == []
+
+
+def test_alerts_and_push_config_round_trip_and_name_the_bad_key(tmp_path: object) -> None:
+    from pathlib import Path
+
+    from fishim.config import Config, ConfigError, load_config
+
+    config = Config.model_validate({"alerts": {"rider_offline_after": "90s", "push_backoff": 0.5,
+                                               "quiet_hours": {"boss": "22:00-07:00"}},
+                                    "push": [{"url": "json://127.0.0.1:9/x", "roles": ["owner"]}]})
+    assert config.alerts.rider_offline_after == 90_000 and config.alerts.push_backoff == 500
+    assert Config.model_validate(config.model_dump(mode="json")) == config  # as `fishim up` hands it on
+    bad = Path(str(tmp_path)) / "broker.yaml"
+    bad.write_text("alerts:\n  pickup_overdue_after: soon\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"alerts\.pickup_overdue_after: not a duration"):
+        load_config(bad, env={})
+    bad.write_text("push:\n  - {url: nonsense, roles: [owner]}\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"push\.0\.url"):
+        load_config(bad, env={})
