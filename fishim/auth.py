@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import json
 import logging
 import secrets
 import threading
@@ -368,24 +367,26 @@ class OrderAcl:
 
     Riders and customers read only orders they are members of. Membership lives in an in-memory
     cache (order -> customer, rider), filled from the store on a miss and replaced at once by
-    :meth:`observe` when the bridge announces a change on ``{prefix}/system/membership``, so a
-    reassigned rider stops receiving the moment the announcement passes through the broker.
+    :meth:`set_members` when the ingest commits a change, so a reassigned rider stops receiving
+    from the very batch that reassigned it.
     ``may_receive`` runs on every delivery: it is string compares and a dict lookup once warm.
     """
 
     MAX_CACHED = 50_000
     UNKNOWN_TTL_S = 2.0  # an order not in the store yet is looked up again after this long
+    STALE_AFTER_S = 1.0  # without an ingest feeding changes, a cached membership is re-read after this
 
     def __init__(self, store_path: Path | str, config: Config,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self.clock = clock
-        self.membership_topic = f"{config.prefix}/system/membership"
         self._prefix = tuple(config.prefix.split("/"))
         self._head = config.prefix + "/"
         self._reader = _StoreReader(store_path)
         self._members: dict[str, tuple[str | None, str | None]] = {}
         self._unknown: dict[str, float] = {}
+        self._loaded: dict[str, float] = {}  # order -> re-read after (only while not fed)
+        self.fed = False  # True once the ingest announces changes: the cache is then authoritative
 
     def close(self) -> None:
         self._reader.close()
@@ -412,37 +413,25 @@ class OrderAcl:
 
     # -- membership ----------------------------------------------------------------------------
 
-    def observe(self, topic: str, payload: bytes | str) -> bool:
-        """Take a membership change the bridge published; True if ``topic`` was one.
+    def set_members(self, order: str, customer: str | None, rider: str | None) -> None:
+        """A membership change the ingest just committed; takes effect for the very next delivery.
 
-        The broker must call this only for messages published by the service account (anyone else
-        is refused that topic by :meth:`may_publish` anyway). The payload is
-        ``{"order": ID, "customer": …, "rider": …}``; a missing key keeps the cached value.
+        In ``fishim up`` every change arrives here, before the batch that made it is routed, so the
+        cache is never stale. Without an ingest (``fishim broker`` with a separate bridge) nothing
+        calls this and entries are re-read from the store after :data:`STALE_AFTER_S`.
         """
-        if topic != self.membership_topic:
-            return False
-        try:
-            body = json.loads(payload)
-            order = body["order"]
-            if not isinstance(order, str) or not is_name(order):
-                raise ValueError(f"bad order {order!r}")
-        except (ValueError, TypeError, KeyError) as exc:
-            log.warning("membership message ignored: %s", exc)
-            return True
         with self._reader.lock:
-            old_customer, old_rider = self._members.get(order) or self._load(order) or (None, None)
-            entry = (body.get("customer", old_customer), body.get("rider", old_rider))
-            self._remember(order, entry)
-        log.info("membership order=%s customer=%s rider=%s", order, *entry)
-        return True
+            self.fed = True
+            self._remember(order, (customer, rider))
+        log.debug("membership order=%s customer=%s rider=%s", order, customer, rider)
 
     def members(self, order: str) -> tuple[str | None, str | None] | None:
         """(customer, rider) of ``order``, or None if the order is unknown."""
         hit = self._members.get(order)
-        if hit is not None:
+        if hit is not None and (self.fed or self._loaded.get(order, 0.0) > self.clock()):
             return hit
         with self._reader.lock:
-            return self._members.get(order) or self._load(order)
+            return self._load(order)
 
     def contacts(self, principal: Principal, other: str) -> bool:
         """Do ``principal`` and ``other`` share an open order as its customer and its rider?
@@ -474,10 +463,13 @@ class OrderAcl:
             return None
         entry = (row.customer, row.rider)
         self._remember(order, entry)
+        if not self.fed:
+            self._loaded[order] = now + self.STALE_AFTER_S
         return entry
 
     def _remember(self, order: str, entry: tuple[str | None, str | None]) -> None:
         self._unknown.pop(order, None)
+        self._loaded.pop(order, None)
         self._members.pop(order, None)
         if len(self._members) >= self.MAX_CACHED:  # oldest entry out; it reloads from the store
             del self._members[next(iter(self._members))]

@@ -82,7 +82,7 @@ def main(ctx: click.Context, config_path: Path | None) -> None:
 
     \b
     Example:
-      fishim up                      # embedded broker + bridge on broker.yaml
+      fishim up                      # embedded broker with durable ingest, on broker.yaml
       fishim orders list --state delivering
     """
     ctx.obj = Ctx(config_path)
@@ -93,7 +93,9 @@ def main(ctx: click.Context, config_path: Path | None) -> None:
 @click.option("--db", type=click.Path(path_type=Path), help="SQLite store path (env FISHIM_DB).")
 @pass_ctx
 def up(ctx: Ctx, bind: str | None, db: Path | None) -> None:
-    """Run the embedded broker and the bridge together.
+    """Run the embedded broker with its durable ingest: every message on the order tree is
+    validated and committed to the store before it is routed or acknowledged, and sync
+    requests are answered from the same process.
 
     \b
     Example:
@@ -111,7 +113,8 @@ def up(ctx: Ctx, bind: str | None, db: Path | None) -> None:
 @click.option("--db", type=click.Path(path_type=Path), help="SQLite store path (env FISHIM_DB).")
 @pass_ctx
 def broker(ctx: Ctx, bind: str | None, db: Path | None) -> None:
-    """Run only the embedded broker.
+    """Run only the embedded broker, as a plain MQTT broker with fishim's accounts and ACL,
+    for a `fishim bridge` run separately (then the bridge's guarantee holds, as behind Mosquitto).
 
     \b
     Example:
@@ -607,7 +610,7 @@ def stats(ctx: Ctx, as_json: bool) -> None:
     broker = data["broker"]
     clients = "-  (no fishim broker running here on this store)"
     if broker:
-        clients = f"{broker['clients_connected']}  (the bridge included; `fishim {broker['mode']}` pid " \
+        clients = f"{broker['clients_connected']}  (`fishim {broker['mode']}` pid " \
                   f"{broker['pid']}, since {fmt_time(broker['started_at'])})"
     for label, value in (
         ("events/s (last minute)", f"{data['events_per_s']:.2f}  ({data['events_last_minute']:,} events)"),

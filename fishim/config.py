@@ -102,6 +102,10 @@ class ListenerConfig(_Strict):
 
 class StoreConfig(_Strict):
     path: Path = Path("fishim.db")
+    # SQLite's PRAGMA synchronous for the writer (WAL mode). FULL (default): a PUBACKed message
+    # survives kill -9 AND power loss (one fsync per group commit). NORMAL: survives kill -9 of
+    # fishim (the OS has the WAL), may lose the last commits on power loss. OFF: neither, for tests.
+    synchronous: Literal["OFF", "NORMAL", "FULL", "EXTRA"] = "FULL"
 
 
 class Limits(_Strict):

@@ -288,6 +288,16 @@ def decode(ref: TopicRef, payload: bytes, max_payload: int) -> Message:
     return message
 
 
+def decode_notification(payload: bytes, max_payload: int) -> Notification:
+    """Validate a ``notify`` payload (fishim's own); :class:`Rejected` with the usual codes if bad."""
+    if len(payload) > max_payload:
+        raise Rejected(ErrorCode.TOO_LARGE, f"payload is {len(payload)} bytes, limit {max_payload}")
+    try:
+        return Notification.model_validate_json(payload)
+    except ValidationError as exc:
+        raise _json_error(exc) or schema_error(exc) from None
+
+
 def peek_identity(payload: bytes) -> tuple[str | None, str | None]:
     """Best-effort (id, sender) from a payload that failed validation, to address the error."""
     try:

@@ -283,3 +283,34 @@ class AlertService:
         if alerts or waiting:
             log.info("alerts restored live=%d waiting=%d", len(alerts), len(waiting))
 
+
+
+def attach(config: Config, broker: Any) -> AlertService:
+    """Run the alert service inside ``fishim up`` (call on the broker's loop, after it started).
+
+    Committed events reach it through the broker's ``after_commit`` hooks, presence through the
+    presence tracker's listeners; its notifications go back through :meth:`EmbeddedBroker.submit` as
+    the service account, so the ingest stores, stamps and routes them like any other message.
+    """
+    import asyncio
+
+    from fishim.auth import Principal, Role
+    from fishim.topics import Topics
+
+    loop = asyncio.get_running_loop()
+    principal = Principal(username=config.bridge.username, role=Role.SERVICE)
+    topics = Topics(config.prefix)
+
+    def emit(user: str, note: Notification) -> None:
+        payload = note.model_dump_json().encode()
+        future = asyncio.run_coroutine_threadsafe(broker.submit(principal, topics.notify(user), payload), loop)
+        verdict = future.result(timeout=30)
+        if verdict.outcome not in ("stored", "duplicate"):
+            log.warning("notification not stored id=%s user=%s outcome=%s", note.id, user, verdict.outcome)
+
+    core = broker.core
+    service = AlertService(config, emit, online=core.presence.online)
+    core.presence.listeners.append(service.presence_changed)
+    core.after_commit.append(service.after_commit)
+    log.info("alerts started push_targets=%d", len(config.push))
+    return service.start()

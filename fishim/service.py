@@ -1,15 +1,13 @@
-"""``fishim up`` and ``fishim broker``: the embedded broker in this process, the bridge as a child.
+"""``fishim up`` and ``fishim broker``: the embedded broker in this process.
 
-Why a child process for the bridge: on a 2-core shop PC both halves are CPU-bound Python (amqtt's
-packet handling, the bridge's JSON validation and SQLite commits). In one process they would share
-one GIL and one core; as two processes each gets a core, a crash or a stall in one (e.g. a long
-SQLite checkpoint) does not freeze the other, and the bridge talks to the broker over a loopback
-socket exactly as it does to Mosquitto, so there is one code path to test. The cost is one more
-Python interpreter (~40 MB) and a loopback hop, both small next to that.
+``fishim up`` runs the broker with its durable ingest (:mod:`fishim.broker.ingest`): the store is
+opened and migrated, and the retained state loaded from it, before the first client is accepted;
+every order-tree message is committed before it is routed or PUBACKed. ``fishim broker`` runs the
+broker alone, as a plain MQTT broker with fishim's accounts and ACL, for a ``fishim bridge`` run
+elsewhere (the bridge's guarantee then, as behind Mosquitto).
 
-Shutdown (SIGTERM or SIGINT): stop accepting connections, stop the bridge (it drains what the
-broker already acknowledged, commits and exits), then stop the broker and close its store handles,
-and exit 0. A bridge that dies on its own is restarted with exponential backoff.
+Shutdown (SIGTERM or SIGINT): stop accepting connections, commit and acknowledge what the ingest
+already holds, close every session, close the store, and exit 0.
 
 While running, a small status file beside the store (``<db>.status.json``) says who runs, since
 when and how many clients are connected; ``fishim stats`` reads it. It is deleted on shutdown.
@@ -19,21 +17,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import json
 import logging
 import os
 import signal
 import sqlite3
-import sys
-import tempfile
 import time
 from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-import yaml
 
 from fishim.config import Config
 
@@ -50,20 +43,6 @@ STATUS_FRESH_MS = 10_000
 BRIDGE_STOP_TIMEOUT_S = 15.0
 BACKOFF_MIN_S, BACKOFF_MAX_S = 0.5, 30.0
 BACKOFF_RESET_AFTER_S = 60.0  # a bridge that ran this long before dying starts the backoff afresh
-
-
-def _parent_death_signal() -> Any:
-    """Linux: have the kernel SIGTERM the bridge if this process dies without stopping it (SIGKILL,
-    OOM), so a restarted ``fishim up`` never finds a stray bridge holding the store. The libc call is
-    resolved here, before any fork, so the child only makes one system call before exec."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    pr_set_pdeathsig = 1
-    return lambda: prctl(pr_set_pdeathsig, int(signal.SIGTERM))
 
 
 def status_path(db: Path) -> Path:
@@ -94,90 +73,15 @@ def _alive(pid: int) -> bool:
     return True
 
 
-class BridgeSupervisor:
-    """Runs ``python -m fishim bridge --db DB`` and restarts it with backoff when it dies.
-
-    The child gets the exact effective config (file, env and command-line overrides applied) as a
-    private YAML file, so it can never disagree with the broker about the store or the listener.
-    """
-
-    def __init__(self, config: Config, workdir: Path) -> None:
-        self.config = config
-        self.config_file = workdir / "effective-broker.yaml"
-        self.config_file.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False),
-                                    encoding="utf-8")
-        self.config_file.chmod(0o600)
-        self.proc: asyncio.subprocess.Process | None = None
-        self.restarts = 0
-        self._stopping = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._on_fork = _parent_death_signal()
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc is not None and self.proc.returncode is None else None
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="bridge-supervisor")
-
-    async def _spawn(self) -> asyncio.subprocess.Process:
-        env = {k: v for k, v in os.environ.items() if k not in ("FISHIM_DB", "FISHIM_BIND")}
-        env["FISHIM_CONFIG"] = str(self.config_file)
-        return await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "fishim", "bridge", "--db", str(self.config.store.path),
-            env=env, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-            start_new_session=True,  # Ctrl-C in the terminal reaches us only; we stop the bridge in order
-            preexec_fn=self._on_fork,
-        )
-
-    async def _run(self) -> None:
-        backoff = BACKOFF_MIN_S
-        while not self._stopping.is_set():
-            started = time.monotonic()
-            try:
-                self.proc = await self._spawn()
-            except OSError as exc:
-                log.error("bridge could not start error=%s", exc)
-            else:
-                log.info("bridge started pid=%d", self.proc.pid)
-                code = await self.proc.wait()
-                if self._stopping.is_set():
-                    return
-                log.error("bridge exited code=%s pid=%d; restarting in %.1fs", code, self.proc.pid, backoff)
-            if time.monotonic() - started > BACKOFF_RESET_AFTER_S:
-                backoff = BACKOFF_MIN_S
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), backoff)
-            backoff = min(backoff * 2, BACKOFF_MAX_S)
-            self.restarts += 1
-
-    async def stop(self, timeout: float = BRIDGE_STOP_TIMEOUT_S) -> int | None:
-        """SIGTERM the bridge and wait for it to flush and exit; SIGKILL after ``timeout``."""
-        self._stopping.set()
-        proc = self.proc
-        code: int | None = None
-        if proc is not None and proc.returncode is None:
-            proc.terminate()
-            try:
-                code = await asyncio.wait_for(proc.wait(), timeout)
-            except TimeoutError:
-                log.error("bridge did not stop within %.0fs pid=%d; killing it", timeout, proc.pid)
-                proc.kill()
-                code = await proc.wait()
-            log.info("bridge stopped code=%s pid=%d", code, proc.pid)
-        if self._task is not None:
-            await self._task
-        return code
-
-
 class RefusalReporter:
-    """The broker's ``on_refused``: tell the sender on ``{prefix}/errors/{user}`` and keep a dead letter.
+    """``fishim broker``'s ``on_refused``: tell the sender on ``{prefix}/errors/{user}``, keep a dead letter.
 
-    DESIGN.md: an ACL violation (or an oversize packet) is refused with an errors message, logged once
-    (the broker logs it) and stored in the dead-letter table for the owner. The bridge never sees
-    these publishes, since refused messages are not routed, so this process records them: one worker
-    thread with its own connection writes them, and at most ``MAX_PENDING`` wait, so a client
-    hammering a forbidden topic can neither grow memory nor hold the store's write lock for long.
+    An ACL violation (or an oversize packet) is refused with an errors message, logged once (the
+    broker logs it) and stored in the dead-letter table for the owner. Without an ingest (the bridge
+    runs elsewhere and never sees refused publishes) this process records them: one worker thread
+    with its own connection writes them, and at most ``MAX_PENDING`` wait, so a client hammering a
+    forbidden topic can neither grow memory nor hold the store's write lock for long. ``fishim up``
+    does not need it: its ingest dead-letters refusals in its own commits.
     """
 
     MAX_PENDING = 100
@@ -252,46 +156,56 @@ def run_broker_only(config: Config) -> int:
 
 async def _serve(config: Config, *, with_bridge: bool) -> int:
     from fishim.broker import EmbeddedBroker
+    from fishim.broker.ingest import BrokerIngest
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, _on_signal, sig, stop)
     authenticator, acl = _auth(config)
-    broker = EmbeddedBroker(config, authenticator=authenticator, authorizer=acl)
-    refusals = RefusalReporter(config, broker)
+    ingest = BrokerIngest(config) if with_bridge else None
+    broker = EmbeddedBroker(config, authenticator=authenticator, authorizer=acl, ingest=ingest)
+    refusals = None if ingest is not None else RefusalReporter(config, broker)
     broker.on_refused = refusals  # read by start(); the reporter needs the broker to publish errors
     started_at = int(time.time() * 1000)
+    mode = "up" if with_bridge else "broker"
     try:
-        with tempfile.TemporaryDirectory(prefix="fishim-") as workdir:
-            try:
-                await broker.start()
-            except OSError as exc:  # ListenerError: its message names the listener and the address
-                log.error("broker not started: %s (is another fishim or MQTT broker running there?)", exc)
-                return 2
-            log.info("broker listening %s store=%s",
-                     " ".join(f"{lst.type}://{lst.bind}" for lst in config.listeners), config.store.path)
-            supervisor = BridgeSupervisor(config, Path(workdir)) if with_bridge else None
-            status = asyncio.create_task(
-                _write_status(config, broker, supervisor, "up" if with_bridge else "broker", started_at))
-            try:
-                if supervisor is not None:
-                    supervisor.start()
-                await stop.wait()
-                log.info("shutting down")
-            finally:
-                status.cancel()
-                broker.stop_accepting()
-                if supervisor is not None:
-                    await supervisor.stop()
-                await broker.stop()
-                _remove_status(config.store.path)
+        try:
+            await broker.start()
+        except OSError as exc:  # ListenerError: its message names the listener and the address
+            log.error("broker not started: %s (is another fishim or MQTT broker running there?)", exc)
+            return 2
+        except sqlite3.Error as exc:
+            log.error("broker not started: store %s unusable: %s", config.store.path, exc)
+            return 2
+        log.info("broker listening %s store=%s durable=%d",
+                 " ".join(f"{lst.type}://{lst.bind}" for lst in config.listeners), config.store.path,
+                 int(ingest is not None))
+        status = asyncio.create_task(_write_status(config, broker, mode, started_at))
+        alerts = _start_alerts(config, broker) if ingest is not None and config.alerts.enabled else None
+        try:
+            await stop.wait()
+            log.info("shutting down")
+        finally:
+            status.cancel()
+            if alerts is not None:  # before the broker: its last notifications go through the ingest
+                await loop.run_in_executor(None, alerts.close)
+            await broker.stop()
+            _remove_status(config.store.path)
     finally:
-        refusals.close()
+        if refusals is not None:
+            refusals.close()
         authenticator.close()
         acl.close()
     log.info("stopped")
     return 0
+
+
+def _start_alerts(config: Config, broker: EmbeddedBroker) -> Any:
+    """The alert rules and off-app push (fishim.notify), fed by the broker's commits and presence."""
+    from fishim.notify import attach
+
+    return attach(config, broker)
 
 
 def _remove_status(db: Path) -> None:
@@ -314,16 +228,14 @@ def _auth(config: Config) -> tuple[StoreAuthenticator, OrderAcl]:
     return StoreAuthenticator(config.store.path, config), OrderAcl(config.store.path, config)
 
 
-async def _write_status(config: Config, broker: EmbeddedBroker, supervisor: BridgeSupervisor | None, mode: str,
-                        started_at: int) -> None:
+async def _write_status(config: Config, broker: EmbeddedBroker, mode: str, started_at: int) -> None:
     """Refresh ``<db>.status.json`` every few seconds (written atomically: temp file + rename)."""
     path = status_path(config.store.path)
     warned = False
     while True:
         data = {"pid": os.getpid(), "mode": mode, "started_at": started_at, "updated_at": int(time.time() * 1000),
                 "listeners": [lst.bind for lst in config.listeners],
-                "clients_connected": _connected(broker),
-                "bridge": None if supervisor is None else {"pid": supervisor.pid, "restarts": supervisor.restarts}}
+                "clients_connected": _connected(broker), "durable": broker.ingest is not None}
         try:
             tmp = path.with_name(path.name + ".tmp")
             tmp.write_text(json.dumps(data), encoding="utf-8")

@@ -400,6 +400,12 @@ class Store:
         ).fetchall()
         return [_event(r) for r in rows]
 
+    def last_order_seq(self, order_id: str) -> int:
+        """The highest ``order_seq`` stored under ``order_id`` (0: none); one index lookup."""
+        row = self.conn.execute("SELECT coalesce(max(order_seq), 0) FROM events WHERE order_id=?",
+                                (order_id,)).fetchone()
+        return int(row[0])
+
     def max_seq(self) -> int:
         return int(self.conn.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0])
 

@@ -93,6 +93,8 @@ def summarize(channel: str, sender: str, payload: dict[str, Any]) -> str:
         return text + (f" bin {payload['bin']}" if payload.get("bin") else "")
     if channel == "receipts":
         return f"{sender} read up to #{payload.get('read_up_to')}"
+    if channel == "notify":
+        return f"[{payload.get('priority')}] {payload.get('reason')}: {payload.get('text', '')}"
     return json.dumps(payload)[:80]
 
 

@@ -209,3 +209,12 @@ def read_db(db: Path) -> sqlite3.Connection:
 def count_events(db: Path) -> int:
     with closing(read_db(db)) as conn:
         return int(conn.execute("SELECT count(*) FROM events").fetchone()[0])
+
+
+def without_stamps(payload: bytes) -> dict[str, Any]:
+    """A body as the client published it: what fishim stores and routes carries the server's ``seq``
+    and ``order_seq`` on top (``{"seq": ..}`` replaces a value the client sent itself)."""
+    body = json.loads(payload)
+    body.pop("seq", None)
+    body.pop("order_seq", None)
+    return body

@@ -385,8 +385,9 @@ def raw_mqtt() -> Iterator[Callable[[int], RawMqtt]]:
 
 
 # ==== security fixtures (fishim/auth.py; tests/test_security_*.py) =================================
-# secure_broker_factory: start(db, listeners=[...], limits={...}) -> BrokerThread running fishim's
-# own StoreAuthenticator and OrderAcl over the store at ``db`` (thread.acl is the OrderAcl).
+# secure_broker_factory: start(db, listeners=[...], limits={...}, ingest=False) -> BrokerThread running
+# fishim's own StoreAuthenticator and OrderAcl over the store at ``db`` (thread.acl is the OrderAcl);
+# with ingest=True it is the broker of `fishim up`.
 # Module-scoped, so a whole access table runs against one broker.
 @pytest.fixture(scope="module")
 def secure_broker_factory() -> Iterator[Callable[..., BrokerThread]]:
@@ -396,11 +397,15 @@ def secure_broker_factory() -> Iterator[Callable[..., BrokerThread]]:
     started: list[tuple[BrokerThread, StoreAuthenticator, OrderAcl]] = []
 
     def start(db: Any, *, listeners: list[ListenerConfig] | None = None,
-              limits: dict[str, Any] | None = None) -> BrokerThread:
+              limits: dict[str, Any] | None = None, ingest: bool = False) -> BrokerThread:
+        """``ingest=True``: the broker of ``fishim up`` (durable ingest, sync served in process)."""
+        from fishim.broker.ingest import BrokerIngest
+
         config = broker_config(limits=limits, listeners=listeners).model_copy(
-            update={"store": StoreConfig(path=db)})
+            update={"store": StoreConfig(path=db, synchronous="NORMAL")})
         authenticator, acl = StoreAuthenticator(db, config), OrderAcl(db, config)
-        thread = BrokerThread(config, authenticator=authenticator, authorizer=acl)
+        thread = BrokerThread(config, authenticator=authenticator, authorizer=acl,
+                              ingest=BrokerIngest(config) if ingest else None)
         thread.acl = acl  # type: ignore[attr-defined]
         started.append((thread, authenticator, acl))
         return thread

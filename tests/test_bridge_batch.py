@@ -16,8 +16,9 @@ from typing import Any
 import pytest
 from _bridge_support import body, chat, placed, read_db, status
 
-from fishim.bridge import Bridge, _Inbound
+from fishim.bridge import Bridge, _Tag
 from fishim.config import Config
+from fishim.ingest import Inbound
 from fishim.store import ROWS_PER_INSERT
 
 
@@ -45,8 +46,8 @@ def writer(tmp_path: Path) -> Iterator[tuple[Bridge, _NoBroker]]:
     bridge.store.close()
 
 
-def inbound(messages: list[tuple[str, bytes]], first_mid: int = 1) -> list[_Inbound]:
-    return [_Inbound(f"fishim/orders/{topic}", payload, 1, first_mid + i, 0) for i, (topic, payload) in
+def inbound(messages: list[tuple[str, bytes]], first_mid: int = 1) -> list[Inbound]:
+    return [Inbound(f"fishim/orders/{topic}", payload, tag=_Tag(first_mid + i, 1, 0)) for i, (topic, payload) in
             enumerate(messages)]
 
 
@@ -78,7 +79,7 @@ def test_one_batch_sees_its_own_changes_and_a_refusal_changes_nothing(writer: tu
     state, picked, order_seq, last_seq = rows(bridge, "SELECT state, picked, order_seq, last_seq FROM orders")[0]
     assert (state, picked, order_seq, last_seq) == ("packed", '{"hook-6": 2, "line-20": 1}', 8, events[-1][2])
     assert [r[0] for r in rows(bridge, "SELECT msg_id FROM deadletters")] == ["k2"]
-    assert broker.acks == [m.mid for m in batch]  # refused and duplicate ones too
+    assert broker.acks == [m.tag.mid for m in batch]  # refused and duplicate ones too
     assert (bridge.stats.stored, bridge.stats.duplicates, bridge.stats.rejected) == (8, 1, 1)
 
 

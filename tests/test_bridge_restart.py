@@ -7,11 +7,13 @@ is gone) hands new subscribers the same retained state as before.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from _bridge_support import Brokers, location, placed, status
+from _bridge_support import Brokers, location, placed, status, without_stamps
 
 from fishim.bridge import Bridge
 from fishim.config import Config
@@ -39,14 +41,15 @@ def _config(brokers: Brokers) -> Config:
                                   "listeners": [{"bind": f"127.0.0.1:{brokers.port}"}]})
 
 
-def _retained_now(port: int, expected: int) -> dict[str, bytes]:
-    """What a brand-new subscriber is handed on subscribe: topic -> retained payload."""
+def _retained_now(port: int, expected: int) -> dict[str, Any]:
+    """What a brand-new subscriber is handed on subscribe: topic -> retained body, without the server
+    stamps (``seq``/``order_seq``) the bridge adds to what it stores and republishes."""
     with connect_client(port) as fresh, \
             Collector(fresh, ["fishim/orders/+/status", "fishim/orders/+/location"]) as inbox:
         got = inbox.wait_for(expected, timeout=10)
         assert all(m.retain for m in got)
         assert inbox.drain() == []
-        return {m.topic: m.payload for m in got}
+        return {m.topic: without_stamps(m.payload) for m in got}
 
 
 def test_retained_state_survives_broker_and_bridge_restart(case: tuple[Brokers, bool]) -> None:
@@ -67,14 +70,14 @@ def test_retained_state_survives_broker_and_bridge_restart(case: tuple[Brokers, 
                     shop.publish(f"fishim/orders/{order}/location", fix, qos=qos, retain=True)
                     latest[f"fishim/orders/{order}/location"] = fix
         bridge.wait_for(lambda s: s.stored >= ORDERS * 4)
-        assert _retained_now(brokers.port, 2 * ORDERS) == latest
+        assert _retained_now(brokers.port, 2 * ORDERS) == {t: json.loads(p) for t, p in latest.items()}
 
     brokers.stop()
     brokers.start(wipe=wipe)
     with Bridge(config, brokers.bridge_url()) as bridge:
         bridge.wait_ready()  # retained republished and acknowledged by the broker
         assert bridge.stats.republished >= 2 * ORDERS
-        assert _retained_now(brokers.port, 2 * ORDERS) == latest
+        assert _retained_now(brokers.port, 2 * ORDERS) == {t: json.loads(p) for t, p in latest.items()}
 
 
 @pytest.mark.mosquitto
@@ -93,7 +96,7 @@ def test_bridge_refills_a_broker_that_restarts_empty_under_it(tmp_path: Path) ->
             brokers.start(wipe=True)
             bridge.wait_for(lambda s: s.connects >= 2, timeout=15)  # paho reconnects on its own
             bridge.wait_ready()
-            assert _retained_now(brokers.port, 1) == {"fishim/orders/Z1/status": placed("Z1")}
+            assert _retained_now(brokers.port, 1) == {"fishim/orders/Z1/status": json.loads(placed("Z1"))}
     finally:
         brokers.close()
 
@@ -116,7 +119,8 @@ def test_sync_request_queued_while_bridge_down_is_answered_after_the_republish(t
             publish_and_wait(app, "fishim/sync/cust1/app1/request", b'{"since": 0}')  # bridge is down
             with Bridge(config, brokers.bridge_url()):
                 republished, page = inbox.wait_for(2, timeout=10)
-        assert (republished.topic, republished.payload) == ("fishim/orders/S1/status", placed("S1"))
+        assert (republished.topic, without_stamps(republished.payload)) == ("fishim/orders/S1/status",
+                                                                           json.loads(placed("S1")))
         reply = page.json()
         assert page.topic == "fishim/sync/cust1/app1/events" and reply["done"] is True
         assert [e["payload"]["id"] for e in reply["events"]] == ["placed-S1"]

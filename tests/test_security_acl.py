@@ -32,9 +32,8 @@ from _security_shop import (
 )
 
 from fishim.auth import OrderAcl, Principal
-from fishim.bridge import Bridge
-from fishim.config import Config, ListenerConfig, StoreConfig
-from fishim.testing.mqtt import Collector, MqttClient, connect_client, publish_and_wait
+from fishim.config import Config
+from fishim.testing.mqtt import MqttClient, connect_client, publish_and_wait
 
 ROLE_OF = {"boss": "owner", "clerk": "staff", "r1": "rider", "r2": "rider", "c1": "customer",
            "scan1": "scanner", SERVICE: "service"}
@@ -96,20 +95,44 @@ def test_anonymous_and_unknown_roles(shop: tuple[Path, dict[str, str]]) -> None:
         acl.close()
 
 
-def test_membership_cache_follows_announcements_and_the_store(shop: tuple[Path, dict[str, str]]) -> None:
-    acl = OrderAcl(shop[0], Config())
+def test_membership_cache_follows_set_members_and_the_store(shop: tuple[Path, dict[str, str]]) -> None:
+    now = [0.0]
+    acl = OrderAcl(shop[0], Config(), clock=lambda: now[0])
     r1, r2 = principal("r1"), principal("r2")
     try:
-        assert acl.may_receive(r1, "fishim/orders/A1/status")  # loaded from the store
-        assert acl.observe("fishim/system/membership", b'{"order": "A1", "customer": "c1", "rider": "r2"}')
+        assert acl.may_receive(r1, "fishim/orders/A1/status")  # loaded from the store (A1: c1, r1)
+        acl.set_members("A1", "c1", "r2")  # what the ingest does after committing a reassignment
         assert not acl.may_receive(r1, "fishim/orders/A1/status")
         assert acl.may_receive(r2, "fishim/orders/A1/status")
         assert acl.members("A1") == ("c1", "r2")
-        assert acl.observe("fishim/system/membership", b'{"order": "A1", "rider": "r1"}')  # customer kept
-        assert acl.members("A1") == ("c1", "r1")
-        assert acl.observe("fishim/system/membership", b"not json")  # ignored, logged
-        assert not acl.observe("fishim/orders/A1/status", b"{}")
+        now[0] += 60  # fed by an ingest, the cache is authoritative: no re-read of the (older) store
+        assert acl.members("A1") == ("c1", "r2")
         assert acl.members("NOPE") is None
+    finally:
+        acl.close()
+
+
+def test_membership_without_an_ingest_is_re_read_from_the_store(shop: tuple[Path, dict[str, str]],
+                                                                 tmp_path: Path) -> None:
+    """`fishim broker` with a bridge elsewhere: nothing feeds the ACL, so a cached membership is read
+    again from the store (where the bridge commits changes) once it is older than STALE_AFTER_S."""
+    import shutil
+
+    from fishim.store import Store
+
+    db = tmp_path / "copy.db"
+    shutil.copy2(shop[0], db)
+    now = [0.0]
+    acl = OrderAcl(db, Config(), clock=lambda: now[0])
+    try:
+        assert acl.members("A2") == ("c2", "r2")
+        with Store(db) as store:
+            order = store.get_order("A2")
+            assert order is not None
+            store.put_order(order.model_copy(update={"rider": "r1"}))
+        assert acl.members("A2") == ("c2", "r2")  # still the cached value
+        now[0] += OrderAcl.STALE_AFTER_S + 0.1
+        assert acl.members("A2") == ("c2", "r1")
     finally:
         acl.close()
 
@@ -131,41 +154,55 @@ def test_access_table_on_real_clients(broker: object, shop: tuple[Path, dict[str
     assert result.rows == size == 1028
 
 
-def test_reassigned_rider_stops_receiving_at_once(broker: object, shop: tuple[Path, dict[str, str]]) -> None:
-    """The bridge's membership announcement (as the service account) takes effect for the very next
-    message: r1 subscribed to everything sees A3 until r2 is assigned, and nothing after."""
-    port, passwords = broker.port, shop[1]  # type: ignore[attr-defined]
+def _say(client: MqttClient, topic: str, tag: str, retain: bool = False, **fields: Any) -> None:
+    """``clerk`` publishes a valid event (the ingest refuses anything else)."""
+    publish_and_wait(client, f"fishim/orders/{topic}", {"id": tag, "ts": 1, "sender": "clerk", **fields},
+                     retain=retain)
+
+
+def test_reassignment_takes_effect_from_the_commit_that_made_it(
+        tmp_path: Path, secure_broker_factory: Callable[..., object]) -> None:
+    """`fishim up`'s broker: clerk reassigns A3 from r1 to r2. The ingest hands the new membership to
+    the ACL before it routes the batch, so r2 receives the `assigned` status itself live (no sync,
+    no announcement) and every later event of A3; r1, no longer a member, receives nothing from
+    that status on. Absence is shown by sentinels routed after."""
+    db = tmp_path / "shop.db"
+    passwords = make_shop(db)
+    broker = secure_broker_factory(db, ingest=True)
+    port: int = broker.port  # type: ignore[attr-defined]
     clients: list[MqttClient] = []
     try:
-        service, r1, r2, c1 = (connect_client(port, f"{u}-reassign", username=u, password=passwords[u])
-                               for u in (SERVICE, "r1", "r2", "c1"))
-        clients += [service, r1, r2, c1]
-        recorders = {}
-        for user, client in (("r1", r1), ("r2", r2), ("c1", c1)):
-            recorders[user] = Recorder(client, sentinel=f"end:{user}")
-            client.subscribe_and_wait("fishim/#")
+        clerk, r1, r2, c1 = (connect_client(port, f"{u}-reassign", username=u, password=passwords[u])
+                             for u in ("clerk", "r1", "r2", "c1"))
+        clients += [clerk, r1, r2, c1]
+        recorders = {u: Recorder(c, sentinel=f"end:{u}") for u, c in (("r1", r1), ("r2", r2), ("c1", c1))}
+        for client in (r1, r2, c1):
+            client.subscribe_and_wait("fishim/orders/+/status")
+            client.subscribe_and_wait("fishim/orders/+/chat/+")
 
-        def round_(tag: str) -> dict[str, set[str]]:
-            publish_and_wait(service, "fishim/orders/A3/status", body(tag))
-            publish_and_wait(service, "fishim/orders/A3/chat/c1", body(f"{tag}-chat"))
-            for user in recorders:  # sentinels; retained messages left by the table are not this test's
-                publish_and_wait(service, f"fishim/errors/{user}", body(f"end:{user}"))
-            got = {user: rec.wait(f"end:{user}") for user, rec in recorders.items()}
-            return {user: {t for t in tags if not t.startswith("ret:")} for user, tags in got.items()}
+        def round_(tag: str, *moves: tuple[str, dict[str, Any]]) -> dict[str, set[str]]:
+            for i, (state, extra) in enumerate(moves):
+                _say(clerk, "A3/status", f"{tag}-{state}-{i}", retain=True, state=state, **extra)
+            _say(clerk, "A3/chat/clerk", f"{tag}-chat", text="hello")
+            for user, rec in recorders.items():  # sentinels: A1 chat (c1, r1 read it); r2's on A2
+                rec.sentinel = f"end:{user}:{tag}"
+                _say(clerk, f"{'A2' if user == 'r2' else 'A1'}/chat/clerk", rec.sentinel, text="sentinel")
+            got = {user: rec.wait(rec.sentinel) for user, rec in recorders.items()}
+            return {user: {t for t in tags if not t.startswith(("ret:", "end:"))} for user, tags in got.items()}
 
         before = round_("before")
-        publish_and_wait(service, "fishim/system/membership",
-                         json.dumps({"order": "A3", "customer": "c1", "rider": "r2"}).encode())
-        after = round_("after")
+        after = round_("after", ("assigned", {"rider": "r2"}))
     finally:
         for client in clients:
             client.close()
-    assert before == {"r1": {"before", "before-chat"}, "r2": set(), "c1": {"before", "before-chat"}}
-    assert after == {"r1": set(), "r2": {"after", "after-chat"}, "c1": {"after", "after-chat"}}
+    assert before == {"r1": {"before-chat"}, "r2": set(), "c1": {"before-chat"}}
+    assert after == {"r1": set(), "r2": {"after-assigned-0", "after-chat"},
+                     "c1": {"after-assigned-0", "after-chat"}}
 
 
-def test_only_the_service_account_moves_membership(broker: object, shop: tuple[Path, dict[str, str]]) -> None:
-    """A rider (or the owner) publishing a membership message is refused, and the ACL is unchanged."""
+def test_nobody_moves_membership_by_publishing(broker: object, shop: tuple[Path, dict[str, str]]) -> None:
+    """Membership changes only by committed statuses: a rider (or the owner) publishing under
+    `fishim/system/` is refused, and the ACL is unchanged."""
     port, passwords = broker.port, shop[1]  # type: ignore[attr-defined]
     acl: OrderAcl = broker.acl  # type: ignore[attr-defined]
     before = acl.members("A2")
@@ -187,111 +224,3 @@ def _tags(recorder: Recorder, sentinel: str, timeout: float = 30.0) -> list[str]
     return tags
 
 
-def test_reassignment_through_the_real_bridge(tmp_path: Path, secure_broker_factory: Callable[..., object]) -> None:
-    """Staff reassigns A3 from r1 to r2; the bridge commits it and announces the membership. The
-    retained ``assigned`` status was routed before the announcement, under the old membership, so
-    the broker sends it (retained) to r2 when the announcement passes: every subscriber gets it
-    exactly once, r2 included. From the announcement on, A3's chat reaches r2 and no longer r1."""
-    db = tmp_path / "shop.db"
-    passwords = make_shop(db)
-    broker = secure_broker_factory(db)
-    port: int = broker.port  # type: ignore[attr-defined]
-    config = Config(store=StoreConfig(path=db), listeners=[ListenerConfig(bind=f"127.0.0.1:{port}")])
-    clients: list[MqttClient] = []
-    bridge = Bridge(config)
-    try:
-        bridge.start()
-        bridge.wait_ready(30)
-        clerk, r1, r2, c1, boss, watcher = (
-            connect_client(port, f"{u}-bridged-{i}", username=u, password=passwords[u])
-            for i, u in enumerate(("clerk", "r1", "r2", "c1", "boss", SERVICE)))
-        clients += [clerk, r1, r2, c1, boss, watcher]
-        readers = {"r1": (r1, "fishim/#"), "r2": (r2, "fishim/#"), "c1": (c1, "fishim/#"),
-                   "clerk": (clerk, "fishim/orders/+/status"), "boss": (boss, "fishim/orders/A3/#")}
-        recorders = {u: Recorder(c, sentinel=f"end:{u}") for u, (c, _) in readers.items()}
-        for user, (client, topic_filter) in readers.items():
-            client.subscribe_and_wait(topic_filter)
-            client.subscribe_and_wait(f"fishim/errors/{user}")  # the sentinel's (once, with fishim/#)
-        with Collector(watcher, "fishim/system/membership") as announcements:
-            publish_and_wait(clerk, "fishim/orders/A3/status", {"id": "reassign-1", "ts": 1, "sender": "clerk",
-                                                                 "state": "assigned", "rider": "r2"}, retain=True)
-            # the broker hands the announcement to OrderAcl.observe before routing it, so once the
-            # watcher has it, the ACL has it (and r2 has been sent the retained status)
-            assert announcements.get(timeout=30).json() == {"order": "A3", "customer": "c1", "rider": "r2"}
-        publish_and_wait(clerk, "fishim/orders/A3/chat/clerk", {"id": "after-1", "ts": 2, "sender": "clerk",
-                                                                 "text": "r2 takes this one"})
-        for user in recorders:
-            publish_and_wait(watcher, f"fishim/errors/{user}", body(f"end:{user}"))
-        got = {user: _tags(rec, f"end:{user}") for user, rec in recorders.items()}
-    finally:
-        for client in clients:
-            client.close()
-        bridge.stop()
-    assert {user: tags.count("reassign-1") for user, tags in got.items()} == {
-        "r1": 1, "r2": 1, "c1": 1, "clerk": 1, "boss": 1}
-    assert "after-1" in got["r2"] and "after-1" not in got["r1"]
-
-
-def test_announcement_sends_the_newly_readable_retained_state(tmp_path: Path,
-                                                              secure_broker_factory: Callable[..., object]) -> None:
-    """No bridge: the service account announces A3's new rider itself. r2 (live, and offline with a
-    persistent session) is sent A3's retained messages once, retain=1 at min(retained, subscription)
-    QoS; r1, who could read them before, and A1's retained status are left alone; a repeated
-    announcement sends nothing more."""
-    db = tmp_path / "shop.db"
-    passwords = make_shop(db)
-    broker = secure_broker_factory(db)
-    port: int = broker.port  # type: ignore[attr-defined]
-
-    def login(user: str, client_id: str, **kwargs: object) -> MqttClient:
-        client = connect_client(port, client_id, username=user, password=passwords[user], **kwargs)  # type: ignore[arg-type]
-        clients.append(client)
-        return client
-
-    def until_sentinel(collector: Collector, user: str) -> list[tuple[str, str, int, bool]]:
-        publish_and_wait(service, f"fishim/errors/{user}", body(f"end:{user}"))
-        got = []
-        while (message := collector.get(timeout=30)).topic != f"fishim/errors/{user}":
-            got.append((message.topic, message.json()["id"], message.qos, message.retain))
-        return got
-
-    def announce() -> None:
-        publish_and_wait(service, "fishim/system/membership",
-                         json.dumps({"order": "A3", "customer": "c1", "rider": "r2"}).encode())
-
-    clients: list[MqttClient] = []
-    try:
-        service = login(SERVICE, "svc-catchup")
-        publish_and_wait(service, "fishim/orders/A3/status", body("st-A3"), retain=True)
-        publish_and_wait(service, "fishim/orders/A3/location", body("loc-A3"), qos=0, retain=True)
-        publish_and_wait(service, "fishim/orders/A1/status", body("st-A1"), retain=True)
-        away = login("r2", "r2-away", clean_session=False)
-        away.subscribe_and_wait("fishim/orders/+/status")
-        away.close()
-        broker.wait_until(lambda: broker.broker.sessions_connected() == 1)  # type: ignore[attr-defined]
-        r1 = Collector(login("r1", "r1-catchup"), ["fishim/orders/#", "fishim/errors/r1"])
-        r2 = Collector(login("r2", "r2-catchup"), ["fishim/orders/+/status", "fishim/orders/+/location",
-                                                    "fishim/errors/r2"])
-        assert {m[1] for m in until_sentinel(r1, "r1")} == {"st-A3", "loc-A3", "st-A1"}  # on subscribe
-        assert until_sentinel(r2, "r2") == []  # not a member of A3 (nor A1) yet
-        announce()
-        assert until_sentinel(r2, "r2") == [("fishim/orders/A3/status", "st-A3", 1, True),
-                                            ("fishim/orders/A3/location", "loc-A3", 0, True)]
-        assert until_sentinel(r1, "r1") == []
-        announce()  # nothing changes: nothing is sent again
-        assert until_sentinel(r2, "r2") == []
-        inbox: list[tuple[str, str, bool]] = []
-
-        def record(_c: object, _u: object, msg: Any) -> None:
-            inbox.append((msg.topic, json.loads(msg.payload)["id"], bool(msg.retain)))
-
-        back = login("r2", "r2-away", clean_session=False,
-                     setup=lambda client: setattr(client, "on_message", record))
-        assert back.session_present
-        back.subscribe_and_wait("fishim/errors/r2")
-        publish_and_wait(service, "fishim/errors/r2", body("end:r2"))
-        broker.wait_until(lambda: len(inbox) >= 2, timeout=30)  # type: ignore[attr-defined]
-    finally:
-        for client in clients:
-            client.close()
-    assert inbox == [("fishim/orders/A3/status", "st-A3", True), ("fishim/errors/r2", "end:r2", False)]

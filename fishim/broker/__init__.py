@@ -9,7 +9,6 @@ Public API::
     broker.stop_accepting()     # optional first step of a shutdown
     await broker.stop()
 
-    run_broker(config)   # blocking, until SIGTERM/SIGINT (``fishim broker``, ``fishim up``)
 
 The authenticator runs once per CONNECT (it may be async). The authorizer runs on every publish,
 subscribe and delivery, on the broker's event loop: keep its methods cheap and non-blocking.
@@ -20,14 +19,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from fishim.auth import Principal
-from fishim.broker.core import FishimBroker, ListenerError
+from fishim.broker.core import FishimBroker, ListenerError, bound_user
+from fishim.broker.ingest import BrokerIngest, SyncWorker
 from fishim.broker.wire import kv
 from fishim.config import Config, ListenerConfig
+from fishim.ingest import Inbound, Verdict
+from fishim.messages import ErrorCode, Rejected
 
 __all__ = [
     "AllowAll",
@@ -38,7 +39,6 @@ __all__ = [
     "LoopbackAnonymous",
     "Principal",
     "RefusedCallback",
-    "run_broker",
 ]
 
 log = logging.getLogger("fishim.broker")
@@ -110,12 +110,15 @@ class EmbeddedBroker:
         authenticator: Authenticator | None = None,
         authorizer: Authorizer | None = None,
         on_refused: RefusedCallback | None = None,
+        ingest: BrokerIngest | None = None,
     ) -> None:
         self.config = config
         self.authenticator: Authenticator = authenticator or LoopbackAnonymous()
         self.authorizer: Authorizer = authorizer or AllowAll()
         self.on_refused = on_refused
+        self.ingest = ingest
         self._core: FishimBroker | None = None
+        self._sync: SyncWorker | None = None
 
     @property
     def core(self) -> FishimBroker:
@@ -125,16 +128,21 @@ class EmbeddedBroker:
         return self._core
 
     async def start(self) -> None:
-        """Open every listener and start serving.
+        """Open every listener and start serving; with an ingest, only once the store is ready.
+
+        The retained values come from the store before the first client is accepted, and the
+        ingest's writer runs before anything can be published.
 
         Raises:
             ListenerError: a listener could not be opened (one-line message, nothing left open).
         """
         if self._core is not None:
             raise RuntimeError("broker already started")
-        core = FishimBroker(self.config, self.authenticator, self.authorizer, self.on_refused)
+        core = FishimBroker(self.config, self.authenticator, self.authorizer, self.on_refused, self.ingest)
         await core.bind()
         try:
+            if self.ingest is not None:
+                self._start_ingest(core, self.ingest)
             await core.start()
         except BaseException:
             core.close_listeners()
@@ -142,7 +150,32 @@ class EmbeddedBroker:
         self._core = core
         log.info("broker_started %s", kv(listeners=len(self.config.listeners),
                                          max_queued=self.config.limits.max_queued,
-                                         max_payload=self.config.limits.max_payload))
+                                         max_payload=self.config.limits.max_payload,
+                                         durable=int(self.ingest is not None)))
+
+    def _start_ingest(self, core: FishimBroker, ingest: BrokerIngest) -> None:
+        rows = ingest.open()
+        for row in rows:
+            core.store_retained(row.topic, row.payload, row.qos)
+        core.sync = self._sync = SyncWorker(self.config, ingest)
+        ingest.start(asyncio.get_running_loop(), core.committed)
+        log.info("retained_loaded %s", kv(count=len(rows)))
+
+    async def submit(self, principal: Principal, topic: str, payload: bytes) -> Verdict:
+        """Validate, commit and route ``payload`` as if ``principal`` had published it (QoS 1).
+
+        For fishim's other front doors (the HTTP API): the same ACL, ingest, errors and dead letters
+        as MQTT. The ``sender`` field must be ``principal``'s name unless it is the service account.
+        """
+        core = self.core
+        if core.ingest is None:
+            raise RuntimeError("broker runs without an ingest (fishim broker): nothing to submit to")
+        if not self.authorizer.may_publish(principal, topic):
+            rejected = Rejected(ErrorCode.FORBIDDEN, f"not allowed to publish to {topic}")
+            future = core.submit(Inbound(topic, payload, principal.username, rejected), 1)
+        else:
+            future = core.submit(Inbound(topic, payload, bound_user(principal, self.config.bridge.username)), 1)
+        return Verdict.of(await future)
 
     def stop_accepting(self) -> None:
         """Close the listening sockets; connected clients stay until :meth:`stop` (e.g. while the
@@ -151,11 +184,20 @@ class EmbeddedBroker:
             self._core.close_listeners()
 
     async def stop(self) -> None:
-        """Stop accepting, close every session (no wills are sent) and return when all is closed."""
-        core, self._core = self._core, None
-        if core is not None:
-            await core.close()
-            log.info("broker_stopped")
+        """Stop accepting, commit what the ingest holds (and acknowledge it), close every session (no
+        wills are sent) and return when all is closed."""
+        core = self._core
+        if core is None:
+            return
+        core.close_listeners()
+        if self.ingest is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.ingest.stop)
+            await asyncio.sleep(0)  # the last commit's callback: route and PUBACK before closing
+        self._core = None
+        await core.close()
+        if self._sync is not None:
+            self._sync.close()
+        log.info("broker_stopped")
 
     async def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int:
         """Publish on the broker's own behalf (errors, system messages); returns sessions reached.
@@ -181,33 +223,3 @@ class EmbeddedBroker:
         """The port a listener is bound to (useful with ``bind: 127.0.0.1:0``); default the first."""
         ports = self.core.ports
         return ports[listener] if listener is not None else ports[self.config.listeners[0].name]
-
-
-def run_broker(
-    config: Config,
-    authenticator: Authenticator | None = None,
-    authorizer: Authorizer | None = None,
-    on_refused: RefusedCallback | None = None,
-) -> None:
-    """Run the broker until SIGTERM or SIGINT, then stop it cleanly and return.
-
-    Raises:
-        ListenerError: a listener could not be opened.
-    """
-    asyncio.run(_serve_until_signal(EmbeddedBroker(config, authenticator, authorizer, on_refused)))
-
-
-async def _serve_until_signal(broker: EmbeddedBroker) -> None:
-    loop = asyncio.get_running_loop()
-    stopping = asyncio.Event()
-    signals = (signal.SIGTERM, signal.SIGINT)
-    for signum in signals:
-        loop.add_signal_handler(signum, stopping.set)
-    try:
-        await broker.start()
-        await stopping.wait()
-        log.info("broker_stopping reason=signal")
-    finally:
-        for signum in signals:
-            loop.remove_signal_handler(signum)
-        await broker.stop()

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import json
 import logging
 import ssl
 from dataclasses import dataclass
@@ -60,14 +59,18 @@ from fishim.broker.wire import (
     unsuback,
 )
 from fishim.config import Config, ListenerConfig, TlsConfig
+from fishim.ingest import Committed, Inbound, Kind, Result, Work
+from fishim.messages import ErrorCode, ErrorMessage, Rejected
 from fishim.presence import PresenceTracker, Token
-from fishim.topics import TopicError, Topics, is_name, matches, parse
+from fishim.store import now_ms
+from fishim.topics import TopicError, TopicRef, Topics, matches, parse
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     from fishim.auth import Principal
     from fishim.broker import Authenticator, Authorizer, RefusedCallback
+    from fishim.broker.ingest import BrokerIngest, SyncWorker
 
 log = logging.getLogger("fishim.broker")
 
@@ -129,11 +132,14 @@ class FishimHandler(BrokerProtocolHandler):
         if session is None or header is None or publish_packet.data is None:
             return
         try:
-            self.core.accept_publish(session, header.topic_name, publish_packet.data, qos,
-                                     publish_packet.retain_flag)
+            committed = self.core.accept_publish(session, header.topic_name, publish_packet.data, qos,
+                                                 publish_packet.retain_flag)
+            stored = committed is None or await committed is not None
         except Exception:
             log.exception("publish_failed %s", kv(client_id=session.client_id, topic=header.topic_name))
-            await self.handle_connection_closed()  # no PUBACK: the client sends it again on reconnect
+            stored = False
+        if not stored:  # no PUBACK: the client sends it again on reconnect
+            await self.handle_connection_closed()
             return
         if qos == QOS_1 and header.packet_id is not None:
             await self.send_raw(b"\x40\x02" + header.packet_id.to_bytes(2, "big"))
@@ -200,7 +206,7 @@ class FishimBroker(Broker):
     """amqtt's ``Broker`` with fishim's connection lifecycle, auth, routing and delivery."""
 
     def __init__(self, config: Config, authenticator: Authenticator, authorizer: Authorizer,
-                 on_refused: RefusedCallback | None) -> None:
+                 on_refused: RefusedCallback | None, ingest: BrokerIngest | None = None) -> None:
         amqtt_config = BrokerConfig(
             listeners={"default": AmqttListenerConfig(bind=None)},  # fishim opens its own (bind())
             plugins={},  # no EventLogger/PacketLogger/$SYS plugins (DESIGN.md: 35-40% of throughput)
@@ -211,17 +217,23 @@ class FishimBroker(Broker):
         self.limits = config.limits
         self.authenticator = authenticator
         self.authorizer = authorizer
-        # OrderAcl.observe: the service account's membership announcements update the ACL before
-        # the next message is routed (auth.OrderAcl docs). Optional, so any Authorizer still fits.
-        self._observe: Callable[[str, bytes], object] | None = getattr(authorizer, "observe", None)
-        self._membership_topic = f"{config.prefix}/system/membership"
+        # OrderAcl.set_members: membership committed by the ingest reaches the ACL before the batch
+        # that changed it is routed. Optional, so any Authorizer still fits.
+        self._set_members: Callable[[str, str | None, str | None], object] | None = getattr(
+            authorizer, "set_members", None)
         self.on_refused = on_refused
+        self.ingest = ingest
+        self.sync: SyncWorker | None = None
+        self._head = config.prefix + "/"
+        self._orders_head = f"{config.prefix}/orders/"
+        self._service_user = config.bridge.username
         self.ports: dict[str, int] = {}
         self._bound: dict[str, asyncio.Server | websockets.asyncio.server.Server] = {}
         self._connections: set[asyncio.Task[Any]] = set()
         self._background: set[asyncio.Future[Any]] = set()
         self._match_cache: dict[str, list[str]] = {}
         self.presence = PresenceTracker(Topics(config.prefix), self._publish_presence)
+        self.after_commit: list[Callable[[list[Committed]], object]] = []  # called after each batch is routed
 
     def _publish_presence(self, topic: str, payload: bytes) -> None:
         """fishim's own retained message: routed (receive-checked) and kept for later subscribers."""
@@ -484,64 +496,108 @@ class FishimBroker(Broker):
     # -- publish and routing -----------------------------------------------------------------
 
     def accept_publish(self, session: Session, topic: str, data: bytes | bytearray, qos: int,
-                       retain: bool) -> None:
-        """A client's PUBLISH: ACL check, route, retain. Refusals are logged and reported, not routed."""
+                       retain: bool) -> asyncio.Future[Result | None] | None:
+        """A client's PUBLISH: ACL check, then ingest (order tree) or route. Refusals are reported.
+
+        With an ingest, a message on the order tree (or a sync request) is only routed once it is
+        committed; the returned future resolves then (None: not committed, do not PUBACK). Other
+        topics under the prefix are fishim's own (errors, presence, notify, system, sync events):
+        only the broker publishes there. Without an ingest (``fishim broker``), everything the ACL
+        allows is routed at once and None is returned.
+        """
         principal = state_of(session).principal
         if topic.startswith("$") or not self.authorizer.may_publish(principal, topic):
-            log.info("publish_refused %s", kv(client_id=session.client_id, user=principal.username,
-                                              topic=topic, reason="forbidden"))
-            self._notify_refused(principal, topic, "forbidden")
-            return
+            return self._refuse_publish(session, principal, topic, bytes(data), "not allowed to publish")
         payload = bytes(data)
-        if self._observe is not None and principal.role == "service":
-            if topic == self._membership_topic:
-                self._observe_membership(self._observe, payload)
-            else:
-                self._observe(topic, payload)
-        self.route(topic, payload, qos)
-        if retain and self._retainable(topic):
-            self.store_retained(topic, payload, qos)
+        if self.ingest is None or not topic.startswith(self._head):
+            self.route(topic, payload, qos)
+            if retain and self._retainable(topic):
+                self.store_retained(topic, payload, qos)
+            return None
+        if not (topic.startswith(self._orders_head) or topic.endswith("/request")):
+            return self._refuse_publish(session, principal, topic, payload, "only fishim publishes")
+        return self.submit(Inbound(topic, payload, bound_user(principal, self._service_user)), qos)
 
-    def _observe_membership(self, observe: Callable[[str, bytes], object], payload: bytes) -> None:
-        """A membership announcement: update the ACL, then send the order's retained messages to
-        the sessions that may read them only since this change.
+    def _refuse_publish(self, session: Session, principal: Principal, topic: str, payload: bytes,
+                        why: str) -> asyncio.Future[Result | None] | None:
+        log.info("publish_refused %s", kv(client_id=session.client_id, user=principal.username,
+                                          topic=topic, reason="forbidden"))
+        if self.ingest is None:
+            self._notify_refused(principal, topic, "forbidden")
+            return None
+        refusal = Rejected(ErrorCode.FORBIDDEN, f"{why} to {topic}")
+        return self.submit(Inbound(topic, payload, principal.username, refusal), 0)
 
-        The bridge announces after committing a change, so the retained status that made a rider
-        (or customer) a member was routed under the old membership and missed them. Each subscribed
-        session is asked ``may_receive`` before and after ``observe``; a session that passes only
-        after gets each such retained message once, with retain=1 at min(retained QoS, subscription
-        QoS), through its outbox (:meth:`_queue_retained_message`, as on SUBSCRIBE). Members that
-        stay members or leave get nothing. Only on announcements, and only the order's own topics.
+    def submit(self, inbound: Inbound, qos: int) -> asyncio.Future[Result | None]:
+        """Hand one message to the ingest; the future resolves after its COMMIT (see :meth:`committed`)."""
+        future: asyncio.Future[Result | None] = self._loop.create_future()
+        inbound.tag = (future, qos)
+        assert self.ingest is not None
+        if not self.ingest.submit(inbound):  # shutting down: no PUBACK, the client sends it again
+            future.set_result(None)
+        return future
+
+    def committed(self, batch: list[Inbound], work: Work) -> None:
+        """After a COMMIT (on the loop, in commit order): ACL first, then route, then PUBACK.
+
+        Membership changes reach the ACL before anything of the batch is routed, so a newly assigned
+        rider receives the ``assigned`` status itself, and a rider assigned away nothing after it.
         """
-        try:
-            body = json.loads(payload)
-        except ValueError:
-            body = None
-        order = body.get("order") if isinstance(body, dict) else None
-        pending: list[tuple[SessionState, str, RetainedApplicationMessage, int]] = []
-        if isinstance(order, str) and is_name(order):
-            head = f"{self.fishim_config.prefix}/orders/{order}/"
-            may_receive = self.authorizer.may_receive
-            for topic, message in self._retained_messages.items():
-                if not topic.startswith(head):
-                    continue
-                for state, granted in self._subscribers(topic).values():
-                    if not may_receive(state.principal, topic):
-                        pending.append((state, topic, message, granted))
-        observe(self._membership_topic, payload)
-        for state, topic, message, granted in pending:
-            if self.authorizer.may_receive(state.principal, topic):
-                self._queue_retained_message(state, topic, message, granted)
+        if self._set_members is not None:
+            for order in work.membership.values():
+                self._set_members(order.id, order.customer, order.rider)
+        if len(work.results) != len(batch):  # not committed (stopping with the store unavailable)
+            for m in batch:
+                _resolve(m, None)
+            return
+        for m, result in zip(batch, work.results, strict=True):
+            self._deliver(m, result)
+            _resolve(m, result)
+        for hook in self.after_commit:  # e.g. fishim.notify: queues the events for the alert rules
+            try:
+                hook(work.committed)
+            except Exception:
+                log.exception("after_commit_hook_failed")
+
+    def _deliver(self, m: Inbound, result: Result) -> None:
+        """Route one committed result: its events (stamped), the sender's error, or a sync reply."""
+        if result.kind is Kind.STORED:
+            qos = m.tag[1] if m.tag else QOS_1
+            for event in result.events:
+                self.route(event.topic, event.payload, qos)
+                if event.ref.retained:
+                    self.store_retained(event.topic, event.payload, QOS_1)
+                qos = QOS_1  # automatic follow-ups go out at QoS 1
+        elif result.error is not None and result.error_to is not None:
+            self.route(f"{self._head}errors/{result.error_to}", result.error_payload, QOS_1)
+        elif result.kind is Kind.SYNC and self.sync is not None and result.ref is not None:
+            self._background_task(self._answer_sync(result.ref, m.payload))
+        elif result.kind is Kind.CLEARED and m.user is not None:
+            error = ErrorMessage(topic=m.topic, error=ErrorCode.BAD_JSON, ts=now_ms(),
+                                 detail="an empty payload cannot clear an order's retained state")
+            self.route(f"{self._head}errors/{m.user}", error.model_dump_json(exclude_none=True).encode(), QOS_1)
+
+    async def _answer_sync(self, ref: TopicRef, payload: bytes) -> None:
+        assert self.sync is not None
+        for topic, page in await self.sync.answer(ref, payload):
+            self.route(topic, page, QOS_1)
+
+    def _background_task(self, coro: Any) -> None:
+        future = asyncio.ensure_future(coro)
+        self._background.add(future)
+        future.add_done_callback(self._background_done)
 
     def _publish_will(self, session: Session) -> None:
-        """The will of a connection that ended without DISCONNECT (topic authorised at CONNECT)."""
+        """The will of a connection that ended without DISCONNECT, published as its owner NOW.
+
+        Authorised and validated when it fires, exactly like a PUBLISH from that session (ACL with
+        the current membership, then the ingest's checks): a rider assigned away since it connected,
+        or a will naming another sender, is refused like any other publish.
+        """
         topic, message = session.will_topic, session.will_message
         if topic is None or message is None:
             return
-        payload, qos = bytes(message), session.will_qos or 0
-        self.route(topic, payload, qos)
-        if session.will_retain and self._retainable(topic):
-            self.store_retained(topic, payload, qos)
+        self.accept_publish(session, topic, bytes(message), session.will_qos or 0, bool(session.will_retain))
 
     def _retainable(self, topic: str) -> bool:
         """May a client's retain flag keep ``topic``? Only DESIGN.md's retained channels
@@ -612,7 +668,12 @@ class FishimBroker(Broker):
         return found
 
     def _notify_refused(self, principal: Principal, topic: str, reason: str) -> None:
-        """Call ``on_refused`` (sync, or async and then run in the background); never raises."""
+        """Tell the ingest (dead letter + error), else call ``on_refused``; never raises."""
+        if self.ingest is not None:
+            code, detail = ((ErrorCode.TOO_LARGE, f"payload over limits.max_payload ({self.limits.max_payload} "
+                             "bytes)") if reason == "too_large" else (ErrorCode.FORBIDDEN, f"not allowed to {topic}"))
+            self.submit(Inbound(topic, b"", principal.username, Rejected(code, detail)), 0)
+            return
         if self.on_refused is None:
             return
         try:
@@ -649,7 +710,10 @@ class FishimBroker(Broker):
         """amqtt hook, reached only by inbound QoS 2 (QoS 0/1 are routed in FishimHandler)."""
         message = wait_deliver.result()
         if message is not None:
-            self.accept_publish(client_session, message.topic, message.data, message.qos or 0, message.retain)
+            committed = self.accept_publish(client_session, message.topic, message.data, message.qos or 0,
+                                            message.retain)
+            if committed is not None:
+                await committed
         return True
 
     async def _topic_filtering(self, session: Session, topic: str, action: Action) -> bool:
@@ -745,6 +809,19 @@ class FishimBroker(Broker):
 
     def connected_count(self) -> int:
         return sum(1 for session, _ in self._sessions.values() if session.transitions.is_connected())
+
+
+def bound_user(principal: Principal, service_user: str) -> str | None:
+    """Whose name the envelope ``sender`` must carry: the login, except for anonymous loopback
+    clients (no accounts yet) and the service account (it publishes on the shop's behalf)."""
+    if principal.anonymous or principal.role == "service" or principal.username == service_user:
+        return None
+    return principal.username
+
+
+def _resolve(m: Inbound, result: Result | None) -> None:
+    if m.tag is not None and not m.tag[0].done():
+        m.tag[0].set_result(result)
 
 
 def _valid_filter(topic_filter: str) -> bool:
