@@ -181,13 +181,9 @@ class AlertService:
         """Nothing to write with the events: alerts are derived, and rebuilt from them if lost."""
 
     def after_commit(self, committed: list[Any]) -> None:
-        """Committed order events (broker loop): converted and queued, nothing else."""
-        facts = []
-        for item in committed:
-            fact = fact_of(item.msg, item.order, item.order_seq, getattr(item.ref, "leaf", None))
-            if fact is not None:
-                facts.append(fact)
-        self.observe(facts)
+        """A committed batch (broker loop): one queue put; the worker converts it."""
+        if committed:
+            self._inbox.put(("committed", committed))
 
     # -- the worker ------------------------------------------------------------------------------
 
@@ -224,6 +220,11 @@ class AlertService:
             for kind, value in [*inputs, *self._drain()]:
                 if kind == "fact":
                     changes.extend(self.engine.observe(value))
+                elif kind == "committed":
+                    for item in value:
+                        fact = fact_of(item.msg, item.order, item.order_seq, item.ref.leaf)
+                        if fact is not None:
+                            changes.extend(self.engine.observe(fact))
                 elif kind == "presence":
                     changes.extend(self.engine.presence(*value))
                 elif kind == "push_failed":

@@ -20,7 +20,7 @@ from fishim.config import Config
 from fishim.testing.mqtt import Collector, MqttClient, connect_client, publish_and_wait
 from fishim.testing.stack import Stack
 from tests._security_shop import make_shop
-from tests.test_push import Receiver
+from tests.test_alerts_service import Receiver
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +118,29 @@ def test_a_staff_answer_closes_the_open_alert(
             {"id": "clerk-answer", "ts": 1_794_000_000_500, "sender": "clerk", "text": "sure"}))
         closed = wait_alert(stack, "A2", "closed")
         assert closed["close_reason"] == "answered"
+
+
+def test_notifications_wait_in_an_offline_persistent_session(shop: tuple[Stack, dict[str, str]]) -> None:
+    stack, passwords = shop
+    clerk = connect_client(stack.port, "clerk-phone", clean_session=False, username="clerk",
+                           password=passwords["clerk"])
+    clerk.subscribe_and_wait("fishim/notify/clerk")
+    clerk.close()  # offline, session kept
+    with login(stack, passwords, "c1") as c1:
+        publish_and_wait(c1, "fishim/orders/A3/chat/c1", json.dumps(
+            {"id": "c1-ask-a3", "ts": 1_794_000_000_000, "sender": "c1", "text": "and the other one?"}))
+        wait_alert(stack, "A3", "open")
+    got: list[dict[str, Any]] = []
+
+    def keep(_c: object, _u: object, msg: Any) -> None:
+        got.append(json.loads(msg.payload))
+
+    back = connect_client(stack.port, "clerk-phone", clean_session=False, username="clerk",
+                          password=passwords["clerk"], setup=lambda c: setattr(c, "on_message", keep))
+    try:
+        deadline = time.monotonic() + 15
+        while not any(n.get("order") == "A3" for n in got):
+            assert time.monotonic() < deadline, "queued notification not delivered on reconnect"
+            time.sleep(0.05)
+    finally:
+        back.close()

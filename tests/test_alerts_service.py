@@ -1,7 +1,8 @@
-"""Off-app push through apprise to a real local HTTP receiver (apprise's ``json://`` webhook).
+"""The alert service on a real store with an injected clock: restarts, and off-app push through
+apprise to a real local HTTP receiver (apprise's ``json://`` webhook).
 
-The alert service runs on a real store with an injected clock; apprise really POSTs. The owner is
-offline (no session), the shop has no staff account, so an unanswered customer is the owner's.
+The owner is offline (no session) and the shop has no staff account, so an unanswered customer is
+the owner's.
 """
 
 from __future__ import annotations
@@ -72,8 +73,8 @@ def failing() -> Iterator[Receiver]:
 class Shop:
     """A store with an owner and one customer, orders O1..O3 placed, and the service on a fake clock."""
 
-    def __init__(self, db: Path, urls: list[str]) -> None:
-        self.now = T0
+    def __init__(self, db: Path, urls: list[str], now: int = T0) -> None:
+        self.now = now
         with Store(db) as store:
             for name, role in (("boss", "owner"), ("cust", "customer")):
                 store.put_user(UserRow(name=name, role=role, password_hash="-", created_at=T0))
@@ -164,3 +165,47 @@ def test_a_failed_push_is_retried_then_shown_by_fishim_alerts(tmp_path: Path, fa
     assert [(f["user"], f["attempts"]) for f in data["push_failures"]] == [("boss", 2)]
     text = CliRunner().invoke(main, ["alerts"], env={"FISHIM_DB": str(db)}).output
     assert "push failed" in text
+
+
+def test_deadlines_and_open_alerts_survive_a_restart(tmp_path: Path) -> None:
+    db = tmp_path / "shop.db"
+    first = Shop(db, [])
+    first.fact("O1", "chat", "cust")  # due in 60 s
+    first.fact("O2", "chat", "cust")
+    first.advance(61 * S)  # O1 and O2 open, escalation due 10 min after
+    first.fact("O3", "chat", "cust")  # pending, due in 60 s
+    first.service.close()
+    assert sorted((n.order, n.reason) for _u, n in first.sent) == [("O1", "unanswered_customer"),
+                                                                   ("O2", "unanswered_customer")]
+    second = Shop(db, [], now=first.now + 30 * S)  # a new process, 30 s later
+    try:
+        second.advance(31 * S)  # O3's deadline passed while down... and is kept, not restarted
+        assert [(n.order, n.reason) for _u, n in second.sent] == [("O3", "unanswered_customer")]
+        second.advance(10 * 60 * S)
+        escalated = sorted(n.order for _u, n in second.sent if n.text.startswith("escalated"))
+        assert escalated == ["O1", "O2", "O3"]  # once each, the two from before the restart included
+        second.advance(10 * 60 * S)
+        assert len(second.sent) == 4
+    finally:
+        second.service.close()
+
+
+def test_an_ack_from_the_cli_reaches_the_running_service(tmp_path: Path) -> None:
+    db = tmp_path / "shop.db"
+    shop = Shop(db, [])
+    try:
+        shop.fact("O1", "chat", "cust")
+        shop.advance(61 * S)
+        alert_id = shop.sent[0][1].alert
+        assert alert_id is not None
+        result = CliRunner().invoke(main, ["alerts", "ack", alert_id, "--by", "boss"], env={"FISHIM_DB": str(db)})
+        assert result.exit_code == 0, result.output
+        shop.advance(20 * 60 * S)  # no escalation: the service took the ack on its next step
+        assert [n.text.startswith("escalated") for _u, n in shop.sent] == [False]
+        assert alert_id not in shop.service.engine.alerts
+        again = CliRunner().invoke(main, ["alerts", "ack", alert_id], env={"FISHIM_DB": str(db)})
+        assert again.exit_code == 2 and "already closed" in again.output
+        unknown = CliRunner().invoke(main, ["alerts", "ack", "al-nope"], env={"FISHIM_DB": str(db)})
+        assert unknown.exit_code == 2 and "no alert" in unknown.output
+    finally:
+        shop.service.close()
