@@ -197,11 +197,12 @@ class AlertService:
                 kind, value = "tick", None
             if kind == "stop":
                 break
+            due = time.monotonic() >= next_tick  # deadlines are checked once a tick, not per batch
             try:
-                self.step([(kind, value)])
+                self.step([(kind, value)], tick=due)
             except Exception:
                 log.exception("alert worker step failed")
-            if time.monotonic() >= next_tick:
+            if due:
                 next_tick = time.monotonic() + tick_s
 
     def _drain(self) -> list[tuple[str, Any]]:
@@ -212,9 +213,9 @@ class AlertService:
             except queue.Empty:
                 return items
 
-    def step(self, inputs: Iterable[tuple[str, Any]] = ()) -> Changes:
-        """Apply ``inputs`` and everything queued, then acks from the store and a tick; save and send
-        what changed."""
+    def step(self, inputs: Iterable[tuple[str, Any]] = (), tick: bool = True) -> Changes:
+        """Apply ``inputs`` and everything queued, then (``tick``) acks from the store and the clock's
+        deadlines; save and send what changed."""
         changes = Changes()
         with self._lock:
             for kind, value in [*inputs, *self._drain()]:
@@ -229,10 +230,11 @@ class AlertService:
                     changes.extend(self.engine.presence(*value))
                 elif kind == "push_failed":
                     changes.extend(self._mark_push_failed(*value))
-            acks = self.store.pending_acks()
+            acks = self.store.pending_acks() if tick else []
             for alert_id, by in acks:
                 changes.extend(self.engine.ack(alert_id, by))
-            changes.extend(self.engine.tick())
+            if tick:
+                changes.extend(self.engine.tick())
             self._apply(changes)
             self.store.mark_acks_applied(a for a, _ in acks)
         return changes
