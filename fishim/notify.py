@@ -240,7 +240,9 @@ class AlertService:
         return changes
 
     def _apply(self, changes: Changes) -> None:
-        self.store.put_alerts(a.record(self.clock()) for a in {a.id: a for a in changes.alerts}.values())
+        changed = {a.id: a for a in changes.alerts}.values()
+        self.store.put_alerts(a.record(self.clock()) for a in changed if a.live or a.opened_at is not None)
+        self.store.delete_alerts(a.id for a in changed if not a.live and a.opened_at is None)
         delivered = [note.id for _user, note in changes.notifications]
         waiting = {i.id: i for i in changes.outgoing if i.id in self.engine.waiting}
         self.store.put_outbox(((i.id, i.user, i.kind, i.due_at, i.model_dump_json()) for i in waiting.values()),

@@ -564,6 +564,13 @@ class Store:
                 _insert_rows(self.conn, "INSERT OR REPLACE INTO alerts (id, order_id, reason, priority, state,"
                              " due_at, updated_at, data)", rows)
 
+    def delete_alerts(self, ids: Iterable[str]) -> None:
+        """Forget alerts that never opened (a condition that ended in time is nobody's business)."""
+        ids = list(ids)
+        if ids:
+            with self.transaction():
+                self.conn.executemany("DELETE FROM alerts WHERE id=?", [(i,) for i in ids])
+
     def alerts(self, live_only: bool = False, limit: int = 1000) -> list[str]:
         """Alert JSON, newest first; ``live_only``: pending and open ones only."""
         where = "WHERE state != 'closed'" if live_only else ""

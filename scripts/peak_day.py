@@ -217,7 +217,7 @@ class Sim:
 
 
 def run(seed: int, orders: int, riders: int, service_db: Path | None) -> dict[str, Any]:
-    config = AlertsConfig(status_after=5_000)
+    config = AlertsConfig()
     day = generate(seed, orders, riders, config)
     roles = {OWNER: "owner", **{s: "staff" for s in STAFF}}
     directory = MemoryDirectory(roles)
