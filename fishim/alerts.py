@@ -229,6 +229,8 @@ class AlertEngine:
         self._orders[fact.order.id] = fact.order
         if fact.channel == "status":
             self._on_status(fact, previous, changes)
+            if fact.order.state in CLOSED_STATES:  # nothing more can start on it: keep memory bounded
+                self._forget(fact.order.id)
         elif fact.channel == "chat":
             self._on_chat(fact, changes)
         elif fact.channel == "receipts" and fact.member is not None and fact.read_up_to is not None:
@@ -489,6 +491,11 @@ class AlertEngine:
             del self._waiting_keys[item.key]
         if item is not None and not keep:
             changes.dropped.append(item_id)
+
+    def _forget(self, order_id: str) -> None:
+        self._orders.pop(order_id, None)
+        for key in [k for k in self._receipts if k[0] == order_id]:
+            del self._receipts[key]
 
     def _order_alerts(self, order_id: str) -> list[Alert]:
         return [a for a in self.alerts.values() if a.order == order_id]
