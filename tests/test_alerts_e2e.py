@@ -66,13 +66,15 @@ def sync(client: MqttClient, user: str) -> list[dict[str, Any]]:
                 return events
 
 
-def wait_alert(stack: Stack, order: str, state: str, timeout: float = 15.0) -> dict[str, Any]:
+def wait_alert(stack: Stack, order: str | None, state: str, alert_id: str | None = None,
+               timeout: float = 15.0) -> dict[str, Any]:
+    """Poll `fishim alerts --json` until an alert of ``order`` (or with ``alert_id``) is in ``state``."""
     deadline = time.monotonic() + timeout
     while True:
         for alert in cli(stack, "alerts", "--json")["alerts"]:
-            if alert["order"] == order and alert["state"] == state:
+            if (alert["id"] == alert_id or alert["order"] == order) and alert["state"] == state:
                 return alert
-        assert time.monotonic() < deadline, f"no {state} alert on {order}"
+        assert time.monotonic() < deadline, f"no {state} alert {alert_id or order}"
         time.sleep(0.1)
 
 
@@ -144,3 +146,34 @@ def test_notifications_wait_in_an_offline_persistent_session(shop: tuple[Stack, 
             time.sleep(0.05)
     finally:
         back.close()
+
+
+@pytest.fixture(scope="module")
+def riders(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, dict[str, str]]]:
+    """The same shop with a 1 s rider_offline threshold: r1 holds A1 and A3, r2 holds A2."""
+    db = tmp_path_factory.mktemp("riders") / "shop.db"
+    passwords = make_shop(db)
+    config = Config.model_validate({"alerts": {"rider_offline_after": "1s", "escalate_after": "1h", "tick": 0.2}})
+    with Stack(db, kind="embedded", config=config, probe=("boss", passwords["boss"])) as stack:
+        yield stack, passwords
+
+
+def test_a_rider_who_drops_off_holding_orders_raises_one_alert_per_order_until_back(
+        riders: tuple[Stack, dict[str, str]]) -> None:
+    stack, passwords = riders
+    with login(stack, passwords, "clerk") as clerk, Collector(clerk, "fishim/notify/clerk") as inbox:
+        rider = connect_client(stack.port, "r1-phone", username="r1", password=passwords["r1"])
+        for order in ("A1", "A3"):  # offline since the start (nobody connected): alerts, closed now
+            assert wait_alert(stack, order, "closed")["close_reason"] == "rider_back"
+        inbox.drain()
+        rider.close()  # gone, holding A1 and A3
+        notes = [json.loads(m.payload) for m in inbox.wait_for(2, timeout=15)]
+        assert sorted((n["reason"], n["order"], n["priority"]) for n in notes) == [
+            ("rider_offline", "A1", "high"), ("rider_offline", "A3", "high")]
+        with connect_client(stack.port, "r1-phone", username="r1", password=passwords["r1"]):
+            for note in notes:
+                wait_alert(stack, None, "closed", alert_id=note["alert"])
+        raised = [a for a in cli(stack, "alerts", "--json")["alerts"]
+                  if a["reason"] == "rider_offline" and a["order"] in ("A1", "A3")]
+        assert len(raised) == 4  # one at start-up and one for this drop, per order; each closed
+        assert {a["close_reason"] for a in raised} == {"rider_back"}
