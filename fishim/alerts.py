@@ -209,6 +209,8 @@ class AlertEngine:
         self._online: dict[str, bool] = {}
         self.waiting: dict[str, Outgoing] = {}
         self._waiting_keys: dict[str, str] = {}
+        self._by_order: dict[str | None, set[str]] = {}  # order -> live alert ids
+        self._by_alert: dict[str, set[str]] = {}  # alert id -> waiting item ids
 
     # -- restart ---------------------------------------------------------------------------------
 
@@ -359,8 +361,9 @@ class AlertEngine:
         alert.state, alert.closed_at, alert.close_reason = "closed", self.clock(), why
         self.alerts.pop(alert.id, None)
         self._by_key.pop(alert.key, None)
-        for item in [w for w in self.waiting.values() if w.notification.alert == alert.id]:
-            self._unwait(item.id, changes)
+        self._by_order.get(alert.order, set()).discard(alert.id)
+        for item_id in list(self._by_alert.get(alert.id, ())):
+            self._unwait(item_id, changes)
         changes.alerts.append(alert)
 
     def _open(self, alert: Alert, now: int, changes: Changes) -> None:
@@ -479,26 +482,38 @@ class AlertEngine:
     def _index(self, alert: Alert) -> None:
         self.alerts[alert.id] = alert
         self._by_key[alert.key] = alert.id
+        self._by_order.setdefault(alert.order, set()).add(alert.id)
 
     def _wait(self, item: Outgoing) -> None:
         self.waiting[item.id] = item
         if item.key is not None:
             self._waiting_keys[item.key] = item.id
+        if item.notification.alert is not None:
+            self._by_alert.setdefault(item.notification.alert, set()).add(item.id)
 
     def _unwait(self, item_id: str, changes: Changes, keep: bool = False) -> None:
         item = self.waiting.pop(item_id, None)
-        if item is not None and item.key is not None and self._waiting_keys.get(item.key) == item_id:
+        if item is None:
+            return
+        if item.key is not None and self._waiting_keys.get(item.key) == item_id:
             del self._waiting_keys[item.key]
-        if item is not None and not keep:
+        alert_id = item.notification.alert
+        if alert_id is not None and alert_id in self._by_alert:
+            self._by_alert[alert_id].discard(item_id)
+            if not self._by_alert[alert_id]:
+                del self._by_alert[alert_id]
+        if not keep:
             changes.dropped.append(item_id)
 
     def _forget(self, order_id: str) -> None:
+        if not self._by_order.get(order_id):
+            self._by_order.pop(order_id, None)
         self._orders.pop(order_id, None)
         for key in [k for k in self._receipts if k[0] == order_id]:
             del self._receipts[key]
 
     def _order_alerts(self, order_id: str) -> list[Alert]:
-        return [a for a in self.alerts.values() if a.order == order_id]
+        return [self.alerts[i] for i in self._by_order.get(order_id, ()) if i in self.alerts]
 
     def _order(self, order_id: str | None) -> OrderFacts | None:
         if order_id is None:
