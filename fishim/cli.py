@@ -451,7 +451,8 @@ def _render_order(data: dict[str, Any]) -> None:
             picked[sku] = picked.get(sku, 0) + int(payload.get("qty") or 0)
             text += f" ({picked[sku]}/{wanted.get(sku, '?')})"
         label = click.style(channel.ljust(6), fg={"status": "cyan", "chat": "magenta"}.get(channel))
-        click.echo(f"  {fmt_time(ev['received_at'])}  #{str(ev['order_seq']).ljust(3)} {label}  {text}")
+        click.echo(f"  {fmt_time(ev['received_at'])}  order #{str(ev['order_seq']).ljust(3)} "
+                   f"seq {str(ev['seq']).ljust(6)} {label}  {text}")
     if any(hidden.values()):
         click.echo(f"  ({hidden['location']} location fixes and {hidden['receipts']} read receipts: "
                    "summarised below)")
@@ -468,7 +469,7 @@ def _render_order(data: dict[str, Any]) -> None:
     if not data["receipts"]:
         click.echo("  nobody has sent a read receipt yet")
     for r in data["receipts"]:
-        click.echo(f"  {r['member']} read up to #{r['read_up_to']} of {o['order_seq']} at "
+        click.echo(f"  {r['member']} read up to order #{r['read_up_to']} of {o['order_seq']} at "
                    f"{fmt_time(r['updated_at'])} ({r['unread']} unread status/chat)")
 
 
@@ -518,7 +519,7 @@ def orders_watch(ctx: Ctx, order_id: str | None, since_seq: int | None, count: i
                     ev = event_dict(event)
                     lines.append(({"type": "event", **ev},
                                   f"{fmt_time(ev['received_at'], date=False)}  {ev['order_id']}  "
-                                  f"#{ev['order_seq']}  {ev['channel']}: "
+                                  f"order #{ev['order_seq']}  seq {ev['seq']}  {ev['channel']}: "
                                   f"{summarize(ev['channel'], ev['sender'], ev['payload'])}"))
                 for letter in store.deadletters_after(dead_cursor):
                     dead_cursor = letter.id or dead_cursor
@@ -714,26 +715,28 @@ def alerts_ack(ctx: Ctx, alert_id: str, by_user: str | None) -> None:
 
 @main.command()
 @click.argument("user")
-@click.option("--since", "since", default=0, show_default=True, type=click.IntRange(min=0), metavar="N",
-              help="The client's sync cursor: replay events with seq > N (0: everything).")
-@click.option("--client-id", default="fishim-cli", show_default=True,
-              help="Client id used in the sync topic; it names the reply topic only.")
+@click.option("--since", "since", default=None, type=click.IntRange(min=0), metavar="N",
+              help="The client's sync cursor: replay events with seq > N (0: everything). Default: the "
+              "last cursor the device --client-id acknowledged (see `fishim devices`), else 0.")
+@click.option("--client-id", default=None, metavar="ID",
+              help="The device (MQTT client id) to replay for; its last acknowledged cursor is the default "
+              "--since.")
 @click.option("--order", "order_ids", multiple=True, metavar="ID", help="Only these orders (repeatable).")
 @click.option("--full", is_flag=True, help="Every location fix (a client gets only the latest per order).")
 @json_option
 @pass_ctx
-def replay(ctx: Ctx, user: str, since: int, client_id: str, order_ids: tuple[str, ...], full: bool,
+def replay(ctx: Ctx, user: str, since: int | None, client_id: str | None, order_ids: tuple[str, ...], full: bool,
            as_json: bool) -> None:
     """What USER's app would get if it synced now.
 
-    The events after cursor N on the orders USER may read, exactly as the bridge would answer.
-
-    DESIGN.md writes `fishim replay CLIENT_ID`; the argument is the user (MQTT username), because
-    what a client may replay is decided by its user's role and orders, never by its client id (which
-    only names the reply topic; set it with --client-id).
+    The events after cursor N on the orders USER may read, exactly as fishim would answer. The
+    argument is the user (MQTT username): what a client may replay is decided by its user's role and
+    orders, never by its client id. Each event is labelled with its store-wide `seq` (the cursor) and
+    its `order #` (its place in its order, what read receipts count).
 
     \b
     Example:
+      fishim replay rider7 --client-id rider7-phone   # from where that phone stands
       fishim replay rider7 --since 1200
       fishim replay cust1 --order A1042 --json
     """
@@ -741,15 +744,28 @@ def replay(ctx: Ctx, user: str, since: int, client_id: str, order_ids: tuple[str
     from fishim.topics import Channel, TopicRef, is_name
     from fishim.views import summarize
 
-    for name, value in (("USER", user), ("--client-id", client_id), *(("--order", o) for o in order_ids)):
+    for name, value in (("USER", user), ("--client-id", client_id or "fishim-cli"),
+                        *(("--order", o) for o in order_ids)):
         if not is_name(value):
             fail(f"{name}: bad name {value!r} (1-64 of A-Z a-z 0-9 _ -)")
+    with reading(ctx) as store:
+        device = store.device(user, client_id) if client_id else None
+    if since is not None:
+        since_from = "--since"
+    elif device is not None:
+        since, since_from = device.cursor, "device"
+    else:
+        if client_id:
+            click.echo(f"no sync from {user}/{client_id} recorded yet (see `fishim devices {user}`): "
+                       "replaying from 0", err=True)
+        since, since_from = 0, "default"
+    client_id = client_id or "fishim-cli"
     request: dict[str, Any] = {"since": since, "collapse": not full}
     if order_ids:
         request["orders"] = list(order_ids)
     with reading(ctx) as store:
         known = store.get_user(user)
-        server = SyncServer(store.path, ctx.config)
+        server = SyncServer(store.path, ctx.config, on_device=lambda _device: None)  # a look, not a device
         try:
             replies = server.handle(TopicRef(channel=Channel.SYNC_REQUEST, user=user, client_id=client_id),
                                     json.dumps(request).encode())
@@ -761,21 +777,57 @@ def replay(ctx: Ctx, user: str, since: int, client_id: str, order_ids: tuple[str
     events = [e for p in pages for e in p.get("events", [])]
     last = pages[-1] if pages else {}
     data = {"user": user, "role": known.role if known else None, "client_id": client_id, "since": since,
+            "since_from": since_from,
             "pages": len(pages), "next_since": last.get("next_since", since), "more": bool(last.get("more")),
             "collapsed": last.get("collapsed", []), "events": events}
     if as_json:
         emit_json(data)
         return
     role = data["role"] or "no account: anonymous loopback rules"
-    click.echo(f"{user} ({role}) syncing from {since} would get {len(events)} events in {len(pages)} "
+    origin = f" (the last cursor {client_id} acknowledged)" if since_from == "device" else ""
+    click.echo(f"{user} ({role}) syncing from seq {since}{origin} would get {len(events)} events in {len(pages)} "
                f"message(s); new cursor {data['next_since']}"
                + (" (more: it asks again)" if data["more"] else "")
                + (f"; only the latest {', '.join(data['collapsed'])} per order" if data["collapsed"] else ""))
     for e in events:
         channel = e["topic"].split("/")[3] if e["topic"].count("/") >= 3 else "?"
         order = e["topic"].split("/")[2] if e["topic"].count("/") >= 2 else "?"
-        click.echo(f"  #{e['seq']:<7} {order:<10} {channel:<8} "
+        click.echo(f"  seq {e['seq']:<7} {order:<10} order #{e.get('order_seq', '?')!s:<4} {channel:<8} "
                    f"{summarize(channel, e['payload'].get('sender', '?'), e['payload'])}")
+
+
+@main.command()
+@click.argument("user", required=False)
+@json_option
+@pass_ctx
+def devices(ctx: Ctx, user: str | None, as_json: bool) -> None:
+    """USER's devices (everyone's without USER): each one's last sync cursor and when it was last seen.
+
+    fishim learns a device from its sync requests: the `since` it asks from is the seq up to which its
+    app has taken everything (its last acknowledged cursor). A phone whose cursor lags far behind the
+    store's last seq, or that has not been seen for long, has not caught up.
+
+    \b
+    Example:
+      fishim devices rider7
+      fishim replay rider7 --client-id rider7-phone   # what that phone would get now
+    """
+    from fishim.views import devices_view, fmt_age, fmt_time
+
+    with reading(ctx) as store:
+        data = devices_view(store, user)
+    if as_json:
+        emit_json(data)
+        return
+    if not data["devices"]:
+        click.echo(f"no device of {user or 'anyone'} has synced yet")
+        return
+    now = now_ms()
+    click.echo(f"{'user':<12} {'client id':<28} {'cursor':>10} {'behind':>8}  last seen")
+    for d in data["devices"]:
+        click.echo(f"{d['user']:<12} {d['client_id']:<28} {'seq ' + str(d['cursor']):>10} {d['behind']:>8}  "
+                   f"{fmt_time(d['last_seen'])} ({fmt_age(now - d['last_seen'])} ago)")
+    click.echo(f"store's last seq: {data['max_seq']}")
 
 
 @main.command("mosquitto-acl")

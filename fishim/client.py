@@ -2,30 +2,43 @@
 
 A phone loses signal in lifts and basements; the broker's offline queue may or may not have kept
 what it missed (an app killed by the OS starts a new session). So this client never relies on it:
-on *every* (re)connect, paho's automatic reconnects included, it asks the bridge to replay everything
-after its saved cursor (DESIGN.md, Sync), holds live messages back until the replay is done, and
-drops anything it has already delivered (by envelope ``id``). The app sees each event once, replayed
-ones in ``seq`` order before the live ones that arrived meanwhile::
+on *every* (re)connect, paho's automatic reconnects included, it asks fishim to replay everything
+after its saved cursor (docs/protocol.md, Sync), holds live messages back until the replay is done,
+and drops anything it has already delivered (by envelope ``id``). The app sees each event once, and
+each order's events in ``order_seq`` order::
 
-    with FishimClient("127.0.0.1", 1883, "rider7", "s3cret", cursor_path=Path("rider7.cursor")) as c:
+    with FishimClient("127.0.0.1", 1883, "rider7", "s3cret", cursor_path=Path("rider7.cursor"),
+                      on_order_changed=show) as c:   # show(view: OrderView) on every change
         c.subscribe_orders()                     # subscribe, then sync from the saved cursor
         c.publish_location("o-17", 30.27, 120.15)
-        for event in c.events(timeout=5):       # ClientEvent(topic, payload, seq, source, ...)
+        for event in c.events(timeout=5):       # ClientEvent(topic, payload, seq, order_seq, ...)
             print(event.order, event.channel, event.payload)
+            c.mark_read(event)                  # the read receipt: the shop sees the unread count drop
+        print(c.orders())                       # {order: OrderView(state, rider, items, unread, ...)}
 
 Delivery rules (docs/sync.md has the whole story):
 
 - An event counts as delivered when :meth:`FishimClient.events` yields it or ``on_event`` returns.
   The cursor and the delivered ids are persisted (SQLite at ``cursor_path``) only for delivered
   events, so a killed app resumes where its *user* stopped, not where the network stopped.
-- Replayed events carry ``seq`` and ``order_seq``; live ones don't (the broker forwards the sender's
-  JSON as is). Your own publishes come back once as live events (MQTT 3.1.1 has no "no local").
-- When this rider is assigned an order, the order's earlier history is fetched (``since 0`` narrowed
-  to that order) and delivered as replay events; they are older than what was already shown.
+- Every event carries ``seq`` and ``order_seq``: replayed ones from the sync page, live ones from the
+  server stamps fishim's own broker puts in every payload it routes. A live event whose ``order_seq``
+  jumps (something was lost on the way) is held back and a sync runs at once; so is one that arrives
+  during a sync. Behind a broker that does not stamp (Mosquitto, EMQX) live events have no numbers.
+- A status change counts only once fishim has stored it: stamped, or from a sync. An unstamped live
+  status (a broker that routes before fishim validates) is not shown; it triggers a sync, which
+  brings it if it was stored. Your own status publishes show as ``OrderView.pending_state`` until
+  confirmed, and are rolled back when fishim refuses them.
+- The first time an order shows up past its first event (you were assigned to it later), its earlier
+  history is fetched (``since 0`` narrowed to that order) and its events wait for it, so the order's
+  events still come in ``order_seq`` order. Your own publishes come back once as live events (MQTT
+  3.1.1 has no "no local").
+- :meth:`FishimClient.orders` is the projection of what was delivered: state, rider, items, unread
+  (status and chat from others after your read receipt, as the shop's ``orders list`` counts them).
 
-Threads: paho's network thread receives; ``on_event`` runs on a dispatcher thread of its own, so a
-slow callback never stalls keepalive; ``on_error`` runs on the network thread and must be quick.
-Use either ``on_event`` or :meth:`~FishimClient.events`, from one thread.
+Threads: paho's network thread receives; ``on_event`` and ``on_order_changed`` run on a dispatcher
+thread of its own, so a slow callback never stalls keepalive; ``on_error`` runs on the network thread
+and must be quick. Use either the callbacks or :meth:`~FishimClient.events`, from one thread.
 """
 
 from __future__ import annotations
@@ -46,12 +59,13 @@ from typing import Any, Literal
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.reasoncodes import ReasonCode
+from pydantic import BaseModel, Field
 
 from fishim.messages import ErrorCode, ErrorMessage
 from fishim.topics import Channel, TopicError, Topics
 from fishim.topics import parse as parse_topic
 
-__all__ = ["ClientEvent", "FishimClient", "FishimClientError"]
+__all__ = ["ClientEvent", "FishimClient", "FishimClientError", "OrderView"]
 
 log = logging.getLogger("fishim.client")
 
@@ -66,9 +80,10 @@ class FishimClientError(RuntimeError):
 class ClientEvent:
     """One order event as the app sees it.
 
-    ``seq`` (store-wide) and ``order_seq`` (within the order, what read receipts count) are known for
-    replayed events only. ``retained`` marks a live message the broker replayed from its retained
-    store on subscribe.
+    ``seq`` (store-wide) and ``order_seq`` (within the order, what read receipts count): from the sync
+    page for replayed events, from the server stamps in the payload for live ones (None behind a
+    broker that does not stamp). ``retained`` marks a live message the broker replayed from its
+    retained store on subscribe.
     """
 
     topic: str
@@ -83,6 +98,55 @@ class ClientEvent:
     @property
     def id(self) -> str:
         return str(self.payload.get("id", ""))
+
+
+class OrderView(BaseModel):
+    """One order as this client has seen it (:meth:`FishimClient.orders`).
+
+    ``state`` only ever holds a status fishim stored; ``pending_state`` is our own status publish
+    waiting for that (cleared when it is confirmed, or refused: the rollback).
+    """
+
+    order: str
+    state: str | None = None
+    rider: str | None = None
+    customer: str | None = None
+    items: list[dict[str, Any]] = Field(default_factory=list)
+    eta: str | int | None = None
+    order_seq: int = 0  # the last event of the order delivered
+    seq: int = 0
+    read_up_to: int = 0  # our read receipt
+    unread_at: list[int] = Field(default_factory=list)  # order_seq of unread status/chat from others
+    pending_state: str | None = None
+    pending_id: str | None = None
+
+    @property
+    def unread(self) -> int:
+        return len(self.unread_at)
+
+
+@dataclass(frozen=True, slots=True)
+class _Optimistic:
+    """Queued by :meth:`FishimClient.publish_status`: our own status, shown pending until stored."""
+
+    order: str
+    id: str
+    state: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Rollback:
+    """Queued when fishim refused a message of ours: a pending status with that id is withdrawn."""
+
+    id: str
+
+
+def _stamps(payload: dict[str, Any]) -> tuple[int | None, int | None]:
+    """The server stamps fishim's broker adds to what it routes; (None, None) when absent."""
+    seq, order_seq = payload.get("seq"), payload.get("order_seq")
+    if type(seq) is int and type(order_seq) is int:
+        return seq, order_seq
+    return None, None
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +197,7 @@ class _CursorFile:
         self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
         self._db.execute("CREATE TABLE IF NOT EXISTS seen (n INTEGER PRIMARY KEY AUTOINCREMENT,"
                          " id TEXT NOT NULL UNIQUE)")
+        self._db.execute("CREATE TABLE IF NOT EXISTS views (order_id TEXT PRIMARY KEY, view TEXT NOT NULL)")
 
     def get(self, key: str) -> str | None:
         row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
@@ -146,17 +211,24 @@ class _CursorFile:
         rows = self._db.execute("SELECT id FROM seen ORDER BY n DESC LIMIT ?", (self.keep,)).fetchall()
         return [r[0] for r in reversed(rows)]
 
+    def views(self) -> dict[str, OrderView]:
+        rows = self._db.execute("SELECT order_id, view FROM views").fetchall()
+        return {order: OrderView.model_validate_json(view) for order, view in rows}
+
     def reset(self) -> None:
         with self._lock:
             self._db.execute("DELETE FROM seen")
+            self._db.execute("DELETE FROM views")
             self._db.execute("DELETE FROM meta WHERE key='cursor'")
 
-    def save(self, ids: list[str], cursor: int | None) -> None:
-        """One transaction: newly delivered ids and (if given) the new cursor."""
+    def save(self, ids: list[str], cursor: int | None, views: list[OrderView] | None = None) -> None:
+        """One transaction: newly delivered ids, changed order views and (if given) the new cursor."""
         with self._lock:
             self._db.execute("BEGIN")
             try:
                 self._db.executemany("INSERT OR IGNORE INTO seen (id) VALUES (?)", ((i,) for i in ids))
+                self._db.executemany("INSERT OR REPLACE INTO views (order_id, view) VALUES (?,?)",
+                                     ((v.order, v.model_dump_json()) for v in views or ()))
                 if cursor is not None:
                     self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('cursor', ?)",
                                      (str(cursor),))
@@ -188,6 +260,8 @@ class FishimClient:
             bonus, never relied on), True otherwise (a random id's session would only leak).
         on_event: called with each :class:`ClientEvent`, on the client's dispatcher thread.
         on_error: called with each :class:`~fishim.messages.ErrorMessage` addressed to us.
+        on_order_changed: called with an :class:`OrderView` copy whenever an order's view changed (an
+            event delivered, our pending status confirmed or rolled back), on the dispatcher thread.
         keepalive, reconnect_delay: MQTT keepalive seconds; paho's (min, max) reconnect backoff.
         publish_timeout: how long the ``publish_*`` helpers wait for the PUBACK.
         sync_timeout: a sync with no answer for this long is asked again (the bridge may be down).
@@ -198,7 +272,11 @@ class FishimClient:
         dedup_size: how many delivered ids are remembered.
         live_buffer: live messages held back during a sync; past this, newer ones are dropped and a
             follow-up sync fetches them (they are in the store), so nothing is lost.
-        backfill_on_assign: fetch an order's earlier history when we are assigned to it.
+        backfill_on_assign: fetch an order's earlier history when it first shows up past its first
+            event (we were assigned to it later); its events wait for that history.
+        server_stamps: trust the ``seq``/``order_seq`` in live payloads (fishim's own broker sets them
+            and replaces any a client wrote). Set False behind Mosquitto/EMQX, where a publisher's own
+            values would pass through: then only sync numbers events and confirms statuses.
         collapse_locations: let the bridge shorten replayed ``location`` fixes to the latest per order
             (a rider's phone needs where the parcel is, not the route); False replays every fix.
     """
@@ -217,6 +295,7 @@ class FishimClient:
         clean_session: bool | None = None,
         on_event: Callable[[ClientEvent], None] | None = None,
         on_error: Callable[[ErrorMessage], None] | None = None,
+        on_order_changed: Callable[[OrderView], None] | None = None,
         keepalive: int = 30,
         publish_timeout: float = 10.0,
         reconnect_delay: tuple[int, int] = (1, 30),
@@ -226,6 +305,7 @@ class FishimClient:
         live_buffer: int = 10_000,
         backfill_on_assign: bool = True,
         collapse_locations: bool = True,
+        server_stamps: bool = True,
     ) -> None:
         if not username:
             raise ValueError("username is required: it is the sender of what you publish and names your sync")
@@ -234,6 +314,7 @@ class FishimClient:
         self.topics = Topics(prefix)
         self.on_event = on_event
         self.on_error = on_error
+        self.on_order_changed = on_order_changed
         self.keepalive = keepalive
         self.publish_timeout = publish_timeout
         self.sync_timeout = sync_timeout
@@ -241,6 +322,7 @@ class FishimClient:
         self.live_buffer = live_buffer
         self.backfill_on_assign = backfill_on_assign
         self.collapse_locations = collapse_locations
+        self.server_stamps = server_stamps
         self._cursors = _CursorFile(Path(cursor_path) if cursor_path is not None else None, dedup_size)
         self._check_owner(prefix)
         self.client_id = client_id or self._stable_client_id(cursor_path is not None)
@@ -254,6 +336,11 @@ class FishimClient:
         self._seen: OrderedDict[str, None] = OrderedDict((i, None) for i in self._cursors.seen_ids())
         self._dedup_size = dedup_size
         self._cursor = int(self._cursors.get("cursor") or 0)  # what the next main sync asks from
+        self._views = self._cursors.views()  # the projection of delivered events (consumer side)
+        self._dirty: set[str] = set()  # views changed since the last save
+        # order -> last order_seq queued (network side): live events must continue it, or wait
+        self._positions = {order: view.order_seq for order, view in self._views.items() if view.order_seq}
+        self._parked: dict[str, list[ClientEvent]] = {}  # events of orders whose history is on its way
         self._want_orders = False
         self._orders_mid: int | None = None
         self._main: _Sync | None = None
@@ -274,7 +361,8 @@ class FishimClient:
         self._ack_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self.stats: dict[str, int] = {"syncs": 0, "pages": 0, "queued_replay": 0, "queued_live": 0,
-                                      "duplicates": 0, "held_overflow": 0, "last_sync_ms": 0}
+                                      "duplicates": 0, "held_overflow": 0, "last_sync_ms": 0, "gaps": 0,
+                                      "covered": 0, "unconfirmed": 0, "late": 0}
 
         self._mqtt = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id,
                                  clean_session=self.clean_session, protocol=mqtt.MQTTv311)
@@ -306,7 +394,7 @@ class FishimClient:
         self._mqtt.connect_async(self.host, self.port, self.keepalive)
         self._mqtt.loop_start()
         self._start_thread("watchdog", self._watchdog)
-        if self.on_event is not None:
+        if self.on_event is not None or self.on_order_changed is not None:
             self._start_thread("dispatch", self._dispatch)
         if wait:
             with self._lock:
@@ -410,6 +498,33 @@ class FishimClient:
         """
         yield from self._consume(timeout)
 
+    def orders(self) -> dict[str, OrderView]:
+        """Every order seen so far, as delivered to the app (copies: change them freely)."""
+        with self._lock:
+            return {order: view.model_copy(deep=True) for order, view in self._views.items()}
+
+    def mark_read(self, event: ClientEvent | str, *, wait: bool = True) -> str | None:
+        """Tell the order's members we have read it up to ``event`` (an order id: up to its last event).
+
+        Publishes the read receipt (``read_up_to`` = the event's ``order_seq``) and clears our unread
+        count up to there; returns the receipt's ``id``, or None when there was nothing new to mark
+        (receipts never go backwards). An unnumbered event (a broker without server stamps) marks the
+        order's last numbered event.
+        """
+        order = event if isinstance(event, str) else event.order
+        with self._lock:
+            view = self._views.get(order)
+            if view is None:
+                raise FishimClientError(f"mark_read: order {order!r} has not been delivered to this client")
+            upto = view.order_seq if isinstance(event, str) or event.order_seq is None else event.order_seq
+            if upto <= view.read_up_to:
+                return None
+            self._read(view, upto)
+            self._dirty.add(order)
+            changed = view.model_copy(deep=True)
+        self._changed_view(changed)
+        return self.publish_receipt(order, upto, wait=wait)
+
     def errors(self, timeout: float | None = 0.0) -> Iterator[ErrorMessage]:
         """Yield errors addressed to us (``{prefix}/errors/{username}``): refusals of what we
         published, matched by ``id``. Ends after ``timeout`` seconds without one (0: what is queued)."""
@@ -431,6 +546,7 @@ class FishimClient:
         arrives later on :meth:`errors` under the same ``id``.
         """
         body = {"id": uuid.uuid4().hex, "ts": int(time.time() * 1000), "sender": self.username, **fields}
+        body.pop("seq", None), body.pop("order_seq", None)  # server stamps: fishim's to set
         started = time.monotonic()
         info = self._mqtt.publish(topic, json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode(),
                                   qos, retain)
@@ -440,9 +556,19 @@ class FishimClient:
             self._wait_ack(info.mid, started, topic, self.publish_timeout if timeout is None else timeout)
         return str(body["id"])
 
-    def publish_status(self, order: str, state: str, **fields: Any) -> str:
-        """Order state change (``rider`` with ``assigned``, ``customer``/``items`` with ``placed``)."""
-        return self.publish(self.topics.status(order), {"state": state, **fields}, retain=True)
+    def publish_status(self, order: str, state: str, *, wait: bool = True, **fields: Any) -> str:
+        """Order state change (``rider`` with ``assigned``, ``customer``/``items`` with ``placed``).
+
+        Until fishim has stored it the order shows it as ``pending_state``; a refusal withdraws it.
+        """
+        ident = str(fields.pop("id", None) or uuid.uuid4().hex)
+        self._queue.put(_Optimistic(order, ident, state))
+        try:
+            return self.publish(self.topics.status(order), {"id": ident, "state": state, **fields}, retain=True,
+                                wait=wait)
+        except FishimClientError:
+            self._queue.put(_Rollback(ident))
+            raise
 
     def publish_chat(self, order: str, text: str, **fields: Any) -> str:
         """Chat line on our own ``chat/{username}`` leaf (``mentions``, ``media``, ``reply_to`` optional)."""
@@ -456,10 +582,11 @@ class FishimClient:
         """A scanned item; the bridge moves the order to ``packed`` once every item is picked."""
         return self.publish(self.topics.picks(order), {"sku": sku, "qty": qty, **fields})
 
-    def publish_receipt(self, order: str, read_up_to: int, **fields: Any) -> str:
-        """We have read the order up to ``read_up_to`` (an ``order_seq``, see :class:`ClientEvent`)."""
+    def publish_receipt(self, order: str, read_up_to: int, *, wait: bool = True, **fields: Any) -> str:
+        """We have read the order up to ``read_up_to`` (an ``order_seq``, see :class:`ClientEvent`);
+        :meth:`mark_read` is the easy way."""
         return self.publish(self.topics.receipts(order, self.username), {"read_up_to": read_up_to, **fields},
-                            retain=True)
+                            retain=True, wait=wait)
 
     # -- paho callbacks (network thread) ---------------------------------------------------------
 
@@ -478,7 +605,6 @@ class FishimClient:
             log.warning("%r: connection refused: %s", self, rc)
             return
         log.info("%r: connected session_present=%s", self, flags.session_present)
-        self._mqtt._clean_session = self.clean_session  # back to normal after _reconnect_fresh
         self._subscribe(orders=self._want_orders)
 
     def _on_disconnect(self, _c: Any, _u: Any, _f: mqtt.DisconnectFlags, rc: ReasonCode, _p: Any) -> None:
@@ -533,17 +659,14 @@ class FishimClient:
         elif ref.channel is Channel.ERRORS:
             self._on_error_message(data)
         elif ref.order is not None:
-            event = ClientEvent(topic, data, None, "live", retained=bool(msg.retain), order=ref.order,
-                                channel=ref.channel.value)
+            seq, order_seq = _stamps(data) if self.server_stamps else (None, None)
+            event = ClientEvent(topic, data, seq, "live", order_seq=order_seq, retained=bool(msg.retain),
+                                order=ref.order, channel=ref.channel.value)
             with self._lock:
                 if self._syncing:
-                    if len(self._held) < self.live_buffer:
-                        self._held.append(event)
-                    else:
-                        self._again = True  # it is in the store: a follow-up sync fetches it
-                        self.stats["held_overflow"] += 1
+                    self._hold(event)
                 else:
-                    self._accept(event)
+                    self._accept_live(event)
 
     def _on_publish(self, _c: Any, _u: Any, mid: int, _rc: ReasonCode, _p: Any) -> None:
         # Called with paho's outgoing-message lock held: touch nothing but the ack table here.
@@ -603,7 +726,8 @@ class FishimClient:
                 levels = topic[prefix_len:].split("/", 3)
                 self._accept(ClientEvent(topic, raw["payload"], raw["seq"], "replay",
                                          order_seq=raw.get("order_seq"), order=levels[1] if len(levels) > 2
-                                         else "", channel=levels[2] if len(levels) > 2 else ""), batch)
+                                         else "", channel=levels[2] if len(levels) > 2 else ""), batch,
+                             backfill=not main)
             if main:
                 assert self._main is not None
                 self._main.sent_at = time.monotonic()  # progress: the watchdog waits again
@@ -615,8 +739,8 @@ class FishimClient:
                 return
             if not main:
                 del self._backfills[rid]
-                self._backfill_todo.difference_update(sync.orders or ())
                 self._backfilled.update(sync.orders or ())
+                self._backfill_done(sync.orders or [])
                 return
             self.stats["last_sync_ms"] = round((time.monotonic() - sync.started) * 1000)
             self._main = None
@@ -627,12 +751,19 @@ class FishimClient:
             self._finish_sync()
 
     def _finish_sync(self) -> None:
-        """Replay done: deliver the live messages held meanwhile (duplicates drop out), go live."""
+        """Replay done: deliver the live messages held meanwhile (duplicates drop out), go live.
+
+        Stamped ones go in ``seq`` order; one that still finds a gap starts the next sync and waits
+        for it, with everything after it.
+        """
         held, self._held = self._held, []
         self._syncing = False
         self._last_synced = time.monotonic()
-        for event in held:
-            self._accept(event)
+        for event in sorted(held, key=lambda e: -1 if e.seq is None else e.seq):  # stable: unstamped keep order
+            if self._syncing:
+                self._held.append(event)
+            else:
+                self._accept_live(event)
         self._changed.notify_all()
         log.debug("%r: synced cursor=%d released=%d", self, self._cursor, len(held))
 
@@ -655,7 +786,9 @@ class FishimClient:
                     self._sync_error = error
                     self._finish_sync()
             elif error.id in self._backfills:
-                self._backfill_todo.difference_update(self._backfills.pop(error.id).orders or ())
+                self._backfill_done(self._backfills.pop(error.id).orders or [])
+        if error.id is not None and error.error is not ErrorCode.UNKNOWN_FIELD:  # a warning: it was stored
+            self._queue.put(_Rollback(error.id))  # a pending status of ours with this id is withdrawn
         self._errors.put(error)
         if self.on_error is not None:
             try:
@@ -663,9 +796,50 @@ class FishimClient:
             except Exception:
                 log.exception("%r: on_error callback failed", self)
 
-    def _accept(self, event: ClientEvent, batch: list[Any] | None = None) -> None:
+    def _hold(self, event: ClientEvent) -> None:
+        """Keep a live event until the running sync is done."""
+        if len(self._held) < self.live_buffer:
+            self._held.append(event)
+        else:
+            self._again = True  # it is in the store: a follow-up sync fetches it
+            self.stats["held_overflow"] += 1
+
+    def _accept_live(self, event: ClientEvent) -> None:
+        """A live event outside a sync: deliver it if it continues its order, else sync first."""
+        if event.seq is None:
+            if event.channel == "status":
+                # Routed before fishim stored it (a broker without server stamps): it may yet be
+                # refused. Only a sync's copy counts; ask for one now.
+                self.stats["unconfirmed"] += 1
+                self._want_sync()
+                return
+            self._accept(event)
+            return
+        if event.seq <= self._cursor:
+            self.stats["covered"] += 1  # a sync already delivered everything up to the cursor
+            return
+        position = self._positions.get(event.order)
+        jumped = position is not None and event.order_seq is not None and event.order_seq > position + 1
+        if jumped and event.order not in self._parked:  # a parked order waits for its history anyway
+            self.stats["gaps"] += 1
+            log.info("%r: order %s jumped from #%s to #%s: syncing", self, event.order, position, event.order_seq)
+            self._want_sync()
+            self._hold(event)
+            return
+        self._accept(event)
+
+    def _want_sync(self) -> None:
+        """A main sync as soon as possible: now, or once the running one is done."""
+        if not self._want_orders:
+            return
+        if self._main is not None or self._orders_mid is not None:
+            self._again = True
+        elif self._mqtt.is_connected():
+            self._start_sync()
+
+    def _accept(self, event: ClientEvent, batch: list[Any] | None = None, *, backfill: bool = False) -> None:
         """Queue ``event`` for the app (on ``batch``, queued later as one item, if given) unless its
-        id was delivered or queued before."""
+        id was delivered or queued before; park it if its order's history is still to come."""
         ident = event.payload.get("id")
         if not isinstance(ident, str) or not ident:
             log.warning("%r: event without an id on %s dropped", self, event.topic)
@@ -673,6 +847,21 @@ class FishimClient:
         if ident in self._seen:
             self.stats["duplicates"] += 1
             return
+        order, order_seq = event.order, event.order_seq
+        if not backfill and order in self._parked:
+            self._parked[order].append(event)
+            return
+        position = self._positions.get(order)
+        if (position is None and order_seq is not None and order_seq > 1 and self.backfill_on_assign
+                and order not in self._backfilled):
+            self._parked[order] = [event]  # first seen mid-way: its history first, then this
+            self._backfill_todo.add(order)
+            self._start_sync(orders=[order])
+            return
+        if order_seq is not None:
+            if position is not None and order_seq <= position:
+                self.stats["late"] += 1  # older than what was shown: never dropped, but counted
+            self._positions[order] = max(position or 0, order_seq)
         self._seen[ident] = None
         if len(self._seen) > self._dedup_size:
             self._seen.popitem(last=False)
@@ -681,21 +870,18 @@ class FishimClient:
             self._queue.put(event)
         else:
             batch.append(event)
-        if self.backfill_on_assign and event.channel == "status":
-            self._maybe_backfill(event)
 
-    def _maybe_backfill(self, event: ClientEvent) -> None:
-        """Assigned to us: fetch the order's history from before our cursor, once per process."""
-        payload = event.payload
-        if payload.get("state") != "assigned" or payload.get("rider") != self.username:
-            return
-        order = event.order
-        if not order or order in self._backfilled or order in self._backfill_todo:
-            return
-        if event.source == "replay" and self._main is not None and self._main.since == 0:
-            return  # this replay starts at 0: it already holds the whole history
-        self._backfill_todo.add(order)
-        self._start_sync(orders=[order])
+    def _backfill_done(self, orders: list[str]) -> None:
+        """An order's history arrived (or was refused): deliver what waited for it, in order."""
+        self._backfill_todo.difference_update(orders)
+        for order in orders:
+            for event in sorted(self._parked.pop(order, []), key=lambda e: e.seq or 0):
+                if event.source == "replay":
+                    self._accept(event)
+                elif self._syncing:
+                    self._held.append(event)
+                else:
+                    self._accept_live(event)
 
     # -- delivery --------------------------------------------------------------------------------
 
@@ -717,32 +903,90 @@ class FishimClient:
                 if isinstance(entry, _Checkpoint):
                     self._flush(entry.cursor)
                     continue
-                with self._lock:
-                    self._pending_ids.append(entry.id)
-                yield entry
+                changed = self._project(entry)
+                if changed is not None:
+                    self._changed_view(changed)
+                if isinstance(entry, ClientEvent):
+                    yield entry
+
+    # -- the projection (consumer thread) --------------------------------------------------------
+
+    def _project(self, entry: ClientEvent | _Optimistic | _Rollback) -> OrderView | None:
+        """Apply one delivered item to its order's view; returns a copy of the view if it changed."""
+        with self._lock:
+            if isinstance(entry, _Rollback):
+                view = next((v for v in self._views.values() if v.pending_id == entry.id), None)
+                if view is None:
+                    return None
+                view.pending_state = view.pending_id = None
+            elif isinstance(entry, _Optimistic):
+                view = self._views.setdefault(entry.order, OrderView(order=entry.order))
+                view.pending_state, view.pending_id = entry.state, entry.id
+            else:
+                self._pending_ids.append(entry.id)
+                view = self._views.setdefault(entry.order, OrderView(order=entry.order))
+                self._apply_event(view, entry)
+            self._dirty.add(view.order)
+            return view.model_copy(deep=True)
+
+    def _apply_event(self, view: OrderView, event: ClientEvent) -> None:
+        payload, order_seq = event.payload, event.order_seq
+        if order_seq is not None and order_seq > view.order_seq:
+            view.order_seq = order_seq
+            view.seq = max(view.seq, event.seq or 0)
+        if event.channel == "status":
+            view.state = str(payload.get("state")) if payload.get("state") is not None else view.state
+            for key in ("rider", "customer", "items", "eta"):
+                if payload.get(key) is not None:
+                    setattr(view, key, payload[key])
+            if view.pending_id == event.id:
+                view.pending_state = view.pending_id = None  # ours, and now stored
+        if event.channel == "receipts" and payload.get("sender") == self.username:
+            read_up_to = payload.get("read_up_to")
+            if isinstance(read_up_to, int) and read_up_to > view.read_up_to:
+                self._read(view, read_up_to)
+        elif event.channel in ("status", "chat") and payload.get("sender") != self.username:
+            at = view.order_seq if order_seq is None else order_seq
+            if at > view.read_up_to or order_seq is None:
+                view.unread_at.append(at)
+
+    @staticmethod
+    def _read(view: OrderView, upto: int) -> None:
+        view.read_up_to = upto
+        view.unread_at = [at for at in view.unread_at if at > upto]
+
+    def _changed_view(self, view: OrderView) -> None:
+        if self.on_order_changed is None:
+            return
+        try:
+            self.on_order_changed(view)
+        except Exception:
+            log.exception("%r: on_order_changed callback failed for %s", self, view.order)
 
     def _flush(self, cursor: int | None) -> None:
         with self._lock:
             ids, self._pending_ids = self._pending_ids, []
-        if ids or cursor is not None:
+            views = [self._views[o].model_copy(deep=True) for o in self._dirty if o in self._views]
+            self._dirty.clear()
+        if ids or views or cursor is not None:
             try:
-                self._cursors.save(ids, cursor)
+                self._cursors.save(ids, cursor, views)
             except sqlite3.ProgrammingError:  # closed underneath us during close()
                 log.debug("%r: cursor file closed; %d ids not saved", self, len(ids))
 
     def _dispatch(self) -> None:
-        assert self.on_event is not None
         for event in self._consume(None):
+            if self.on_event is None:
+                continue
             try:
                 self.on_event(event)
             except Exception:
                 log.exception("%r: on_event callback failed for %s", self, event.topic)
 
     def _watchdog(self) -> None:
-        """Ask again when a sync goes unanswered (bridge restarting, reply lost), reconnect with a new
-        session when it stays unanswered, and sync every ``sync_interval`` while connected."""
+        """Ask again when a sync goes unanswered (fishim restarting, reply lost), and sync every
+        ``sync_interval`` while connected."""
         while True:
-            heal = False
             with self._lock:
                 if self._changed.wait_for(lambda: self._closed, 0.5):
                     return
@@ -756,39 +1000,13 @@ class FishimClient:
                     self._start_sync()  # never expected: a sync wanted but neither asked nor pending
                 if self._main is not None and now - self._main.sent_at > self.sync_timeout:
                     self._unanswered += 1
-                    heal = self._unanswered >= 2
-                    if not heal:
-                        log.warning("%r: sync unanswered for %.0fs, asking again", self, self.sync_timeout)
-                        self._start_sync()
+                    log.warning("%r: sync unanswered for %.0fs (%d times), asking again", self,
+                                self.sync_timeout, self._unanswered)
+                    self._start_sync()
                 for rid, sync in list(self._backfills.items()):
                     if now - sync.sent_at > self.sync_timeout:
                         del self._backfills[rid]
                         self._start_sync(orders=sync.orders)
-            if heal:
-                self._reconnect_fresh()
-
-    def _reconnect_fresh(self) -> None:
-        """Drop the connection and come back with a clean session.
-
-        Twice unanswered while connected means this session's deliveries are stuck somewhere (seen
-        with a broker whose session takeover timed out); a new session sheds whatever the broker
-        holds for it, and the sync that follows the reconnect recovers everything anyway.
-        """
-        with self._lock:
-            if self._closed:
-                return
-            self._unanswered = 0
-            self._main = None
-        log.warning("%r: sync unanswered twice, reconnecting with a new session", self)
-        # paho has no public setter; the flag is only read when the next CONNECT is built.
-        self._mqtt._clean_session = True
-        self._mqtt.disconnect()
-        self._mqtt.loop_stop()
-        with self._lock:
-            if self._closed:
-                return
-            self._mqtt.connect_async(self.host, self.port, self.keepalive)
-            self._mqtt.loop_start()
 
     # -- helpers ---------------------------------------------------------------------------------
 

@@ -1,11 +1,17 @@
 """broker.yaml: one validated model for every process (broker, bridge, CLI).
 
 A bad file or value raises :class:`ConfigError` whose message is one line naming the file and the key,
-so the CLI can print it and exit 2 instead of showing a traceback.
+so the CLI can print it and exit 2 instead of showing a traceback; a misspelt key gets a "did you
+mean" with the closest known one.
+
+Sizes and durations: every byte count is a :data:`ByteSize` (``65536``, ``64k``, ``10M``, ``1GiB``)
+and every time span a :data:`Duration` (seconds: ``20``, ``90s``, ``5m``, ``1h30m``, ``250ms``) or
+:data:`DurationMs` (the same text, held in milliseconds). Use them for any new key.
 """
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 import re
@@ -19,38 +25,76 @@ DEFAULT_CONFIG = Path("broker.yaml")
 NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 
 
-_DURATION = re.compile(r"(\d+)\s*([smhdw])", re.IGNORECASE)
-_UNIT_MS = {"s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
+class ConfigError(Exception):
+    """A config problem a person can fix; ``str()`` is a single line."""
 
 
-def parse_duration(text: str) -> int:
-    """``90s``, ``15m``, ``2h``, ``1h30m``, ``3d``, ``1w`` → milliseconds; ValueError otherwise."""
-    cleaned = text.strip().lower()
-    parts = _DURATION.findall(cleaned)
-    if not parts or _DURATION.sub("", cleaned).strip():
-        raise ValueError(f"not a duration: {text!r} (try 90s, 15m, 2h, 1h30m, 3d)")
-    return sum(int(n) * _UNIT_MS[unit.lower()] for n, unit in parts)
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+_SIZE_FACTOR = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+_SPAN = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)", re.IGNORECASE)
+_SPAN_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_size(value: Any) -> Any:
+    """``64k``, ``10M``, ``1GiB``, ``512B`` → bytes (binary multiples: k = 1024); numbers pass as they are."""
+    if not isinstance(value, str):
+        return value
+    match = _SIZE.match(value)
+    if match is None:
+        raise ValueError(f"not a size: {value!r} (try 65536, 64k, 10M)")
+    number, unit, _ = match.groups()
+    return int(float(number) * _SIZE_FACTOR[unit.lower()])
+
+
+def parse_duration(value: Any) -> Any:
+    """``90s``, ``5m``, ``1h30m``, ``250ms``, ``2d`` → seconds (a float); numbers pass as they are."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    parts = _SPAN.findall(text)
+    if not parts or _SPAN.sub("", text).strip():
+        raise ValueError(f"not a duration: {value!r} (try 90s, 5m, 1h30m, 250ms)")
+    return sum(float(n) * _SPAN_SECONDS[unit.lower()] for n, unit in parts)
 
 
 def _duration_ms(value: Any) -> Any:
-    """broker.yaml durations: ``90s``/``5m`` text, or a bare number of seconds."""
+    """Text in any unit → milliseconds; a bare number is already milliseconds (the key says so)."""
+    return parse_duration(value) * 1000 if isinstance(value, str) and not _is_number(value) else value
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+ByteSize = Annotated[int, BeforeValidator(parse_size)]
+"""A number of bytes; YAML may say ``65536``, ``64k``, ``10M`` or ``1GiB``."""
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+"""Seconds; YAML may say ``20``, ``90s``, ``5m``, ``1h30m`` or ``250ms``."""
+DurationMs = Annotated[float, BeforeValidator(_duration_ms)]
+"""Milliseconds (for keys named ``*_ms``); YAML may say ``2`` (ms) or ``2ms``, ``1s``."""
+
+
+def _span_ms(value: Any) -> Any:
+    """Text in any unit (``90s``, ``5m``, ``250ms``) or a number of seconds → whole milliseconds."""
     if isinstance(value, bool):
         raise ValueError("expected a duration like 90s or 5m")
-    if isinstance(value, int | float):
-        return int(value * 1000)
-    if isinstance(value, str):
-        return parse_duration(value)
-    return value
+    seconds = parse_duration(value)
+    return round(seconds * 1000) if isinstance(seconds, int | float) else value
 
 
-DurationMs = Annotated[int, BeforeValidator(_duration_ms), Field(ge=0),
-                       PlainSerializer(lambda ms: ms / 1000, return_type=float)]
-"""A duration in broker.yaml (``90s``, ``5m``, ``1h30m`` or seconds), held as milliseconds and dumped
-as seconds, so ``model_dump()`` -> ``model_validate()`` gives the same config back."""
+SpanMs = Annotated[int, BeforeValidator(_span_ms), Field(ge=0),
+                   PlainSerializer(lambda ms: f"{ms}ms", return_type=str)]
+"""A duration whose key does not say ``_ms`` (``alerts:``): YAML says ``90s``, ``5m``, ``250ms`` or
+seconds; held as whole milliseconds and dumped as ``"<n>ms"``, so a dumped config reads back the same."""
 
-
-class ConfigError(Exception):
-    """A config problem a person can fix; ``str()`` is a single line."""
 
 
 class _Strict(BaseModel):
@@ -111,26 +155,26 @@ class StoreConfig(_Strict):
 class Limits(_Strict):
     """Bounds that keep one bad or slow client from hurting everyone else."""
 
-    max_payload: int = Field(default=64 * 1024, gt=0, le=1024 * 1024)
+    max_payload: ByteSize = Field(default=64 * 1024, gt=0, le=1024 * 1024)
     max_queued: int = Field(default=10_000, gt=0)
     max_topic_length: int = Field(default=256, gt=0, le=65535)
-    max_inline_media: int = Field(default=16 * 1024, ge=0)
+    max_inline_media: ByteSize = Field(default=16 * 1024, ge=0)
     sync_page_events: int = Field(default=200, gt=0, le=10_000)
-    sync_page_bytes: int = Field(default=256 * 1024, gt=1024)
+    sync_page_bytes: ByteSize = Field(default=256 * 1024, gt=1024)
     login_failures_per_minute: int = Field(default=10, gt=0)
 
 
 class BrokerSettings(_Strict):
     keepalive_grace: float = Field(default=1.5, ge=1.0, le=10.0)
     max_inflight: int = Field(default=100, gt=0)
-    retry_interval: float = Field(default=20.0, gt=0)
+    retry_interval: Duration = Field(default=20.0, gt=0)
 
 
 class BridgeConfig(_Strict):
     client_id: str = Field(default="fishim-bridge", pattern=NAME_PATTERN)
     username: str = Field(default="fishim-bridge", pattern=NAME_PATTERN)
     batch_max: int = Field(default=500, gt=0, le=10_000)
-    batch_wait_ms: float = Field(default=2.0, ge=0, le=100)
+    batch_wait_ms: DurationMs = Field(default=2.0, ge=0, le=100)
 
 
 class LoggingConfig(_Strict):
@@ -146,19 +190,19 @@ class AlertsConfig(_Strict):
     """``alerts:``: how long each condition may last before someone is told (fishim.alerts)."""
 
     enabled: bool = True
-    mention_after: DurationMs = 10_000  # a mention read within this long needs no notification
-    status_after: DurationMs = 5_000  # status notices to customers wait this long (and coalesce)
-    unanswered_customer_after: DurationMs = 300_000
-    escalate_after: DurationMs = 600_000  # an alert open this long goes to the owner, once
-    unassigned_packed_after: DurationMs = 600_000
-    pickup_overdue_after: DurationMs = 900_000
-    rider_offline_after: DurationMs = 300_000
-    order_late_after: DurationMs = 0  # grace after an order's eta
-    delivery_failed_after: DurationMs = 0
-    push_delay: DurationMs = 120_000  # off-app push only if the notification is still unread by then
+    mention_after: SpanMs = 10_000  # a mention read within this long needs no notification
+    status_after: SpanMs = 5_000  # status notices to customers wait this long (and coalesce)
+    unanswered_customer_after: SpanMs = 300_000
+    escalate_after: SpanMs = 600_000  # an alert open this long goes to the owner, once
+    unassigned_packed_after: SpanMs = 600_000
+    pickup_overdue_after: SpanMs = 900_000
+    rider_offline_after: SpanMs = 300_000
+    order_late_after: SpanMs = 0  # grace after an order's eta
+    delivery_failed_after: SpanMs = 0
+    push_delay: SpanMs = 120_000  # off-app push only if the notification is still unread by then
     push_attempts: int = Field(default=5, ge=1, le=20)
-    push_backoff: DurationMs = 5_000  # first retry delay; doubles per attempt
-    tick: DurationMs = Field(default=1_000, gt=0)  # how often deadlines are checked
+    push_backoff: SpanMs = 5_000  # first retry delay; doubles per attempt
+    tick: SpanMs = Field(default=1_000, gt=0)  # how often deadlines are checked
     timezone: str | None = None  # IANA name for quiet hours; the machine's local time if unset
     quiet_hours: dict[str, Annotated[str, Field(pattern=_QUIET)]] = Field(default_factory=dict)  # user: HH:MM-HH:MM
 
@@ -259,4 +303,30 @@ def _validate(data: dict[str, Any], file: Path) -> Config:
         err = exc.errors()[0]
         key = ".".join(str(part) for part in err["loc"]) or "(top level)"
         msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = _unknown_key(err["loc"])
         raise ConfigError(f"{file}: {key}: {msg}") from None
+
+
+def _unknown_key(loc: tuple[int | str, ...]) -> str:
+    """"unknown key" plus the closest known key of the same section, when one is close."""
+    model: Any = Config
+    for part in loc[:-1]:
+        if isinstance(part, int) or model is None:
+            continue
+        field = model.model_fields.get(part)
+        model = _model_of(field.annotation) if field is not None else None
+    known = list(model.model_fields) if model is not None else []
+    close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
+    return f"unknown key (did you mean {close[0]!r}?)" if close else f"unknown key (known: {', '.join(known)})"
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    """The model inside ``X``, ``X | None`` or ``list[X]``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    return None

@@ -40,6 +40,7 @@ from fishim.messages import (
     Status,
     decode,
     decode_notification,
+    near_misses,
     peek_identity,
 )
 from fishim.store import DeadLetter, EventRow, OrderRow, Store, now_ms
@@ -388,6 +389,8 @@ class Writer:
             return self._reject(m, ref, exc, work, msg.id, msg.sender)
         result = Result(Kind.STORED, ref, msg.id)
         result.events.append(self._accept(ref, m.topic, msg, d.text, outcome, work))
+        if msg.model_extra:
+            self._warn(m, msg, result, work.now)
         for follow in outcome.follow_ups:
             done = self._follow_up(follow, outcome.order.id, work)
             if done is not None:
@@ -425,6 +428,14 @@ class Writer:
         result = Result(Kind.STORED, ref, note.id)
         result.events.append(Committed(topic, ref, note, stamped.encode(), seq, order_seq, log_row))  # type: ignore[arg-type]
         return result
+    @staticmethod
+    def _warn(m: Inbound, msg: Message, result: Result, now: int) -> None:
+        """Stored, but a field looks misspelt: tell the sender (``unknown_field``), one message for all."""
+        misses = near_misses(msg)
+        if misses and not m.quiet:
+            result.error_to = m.user or msg.sender
+            result.error = ErrorMessage(topic=m.topic, id=msg.id, error=ErrorCode.UNKNOWN_FIELD, ts=now,
+                                        detail="; ".join(miss.rejected().detail for miss in misses))
 
     def _follow_up(self, follow: Status, order_id: str, work: Work) -> Committed | None:
         """An automatic status (``picking``/``packed``) from the service account, stored in this batch."""

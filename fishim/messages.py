@@ -1,11 +1,14 @@
 """Payload models: the envelope every channel shares, each channel's body, and sync/error messages.
 
 :func:`decode` turns raw bytes on a parsed topic into a validated :class:`Message`, or raises
-:class:`Rejected` with an error code and a detail the sender can read (DESIGN.md, errors topic).
+:class:`Rejected` with an error code and a detail the sender can read (docs/protocol.md, errors topic).
+:func:`near_misses` lists the unknown fields of an accepted message that look like a typo of a known
+one; the pipeline sends each as an ``unknown_field`` error while the message is still stored.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 from datetime import datetime
 from enum import StrEnum
@@ -48,6 +51,7 @@ class ErrorCode(StrEnum):
     RECEIPT_BACKWARDS = "receipt_backwards"
     DUPLICATE_ID = "duplicate_id"
     CURSOR_AHEAD = "cursor_ahead"  # a sync cursor past the store's last seq: the store was reset
+    UNKNOWN_FIELD = "unknown_field"  # a warning: the message was stored, but a field looks misspelt
 
 
 class Rejected(Exception):
@@ -73,7 +77,7 @@ class OrderState(StrEnum):
 
 
 class _Body(BaseModel):
-    """Unknown fields are kept (DESIGN.md), so clients can extend payloads."""
+    """Unknown fields are kept (docs/protocol.md), so clients can extend payloads."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -250,10 +254,17 @@ def parse_json(payload: bytes, max_payload: int) -> dict[str, Any]:
 
 
 def schema_error(exc: ValidationError) -> Rejected:
-    """The first validation error as one readable line."""
-    err = exc.errors()[0]
-    where = ".".join(str(p) for p in err["loc"]) or "(payload)"
-    return Rejected(ErrorCode.BAD_SCHEMA, f"{where}: {err['msg']}")
+    """Every validation error of one message in one line, ``field: problem`` joined by ``; ``.
+
+    All of them at once, so a developer fixes a payload in one round trip instead of one per field.
+    """
+    problems = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(payload)"
+        problem = f"{where}: {err['msg'].removeprefix('Value error, ')}"
+        if problem not in problems:
+            problems.append(problem)
+    return Rejected(ErrorCode.BAD_SCHEMA, "; ".join(problems))
 
 
 def _json_error(exc: ValidationError) -> Rejected | None:
@@ -299,13 +310,118 @@ def decode_notification(payload: bytes, max_payload: int) -> Notification:
 
 
 def peek_identity(payload: bytes) -> tuple[str | None, str | None]:
-    """Best-effort (id, sender) from a payload that failed validation, to address the error."""
-    try:
-        data = json.loads(payload)
-    except (UnicodeDecodeError, ValueError):
-        return None, None
-    if not isinstance(data, dict):
-        return None, None
-    ident, sender = data.get("id"), data.get("sender")
-    return (ident if isinstance(ident, str) and len(ident) <= 64 else None,
-            sender if isinstance(sender, str) and len(sender) <= 64 else None)
+    """Best-effort envelope ``(id, sender)`` of a payload that failed validation, to address the error.
+
+    Works on anything: bad JSON, a payload cut short (an oversize message the broker kept only the
+    start of), or one far over the size limit. It reads the top-level object key by key and stops at
+    the first thing it cannot read, so an ``id`` written before the damage is still found; values
+    that are not names of at most 64 characters are ignored.
+    """
+    found = _top_level_strings(payload[:_PEEK_BYTES], ("id", "sender"))
+    ident, sender = found.get("id"), found.get("sender")
+    return (ident if ident and len(ident) <= 64 else None,
+            sender if sender and len(sender) <= 64 else None)
+
+
+def refusal(topic: str, code: ErrorCode, detail: str, payload: bytes | None = None,
+            ts: int | None = None) -> ErrorMessage:
+    """The ``errors`` message for a publish refused before it was decoded (ACL, size, topic).
+
+    Carries the envelope ``id`` whenever ``payload`` has a readable one, so the app can match the
+    refusal to what it sent.
+    """
+    ident = peek_identity(payload)[0] if payload else None
+    return ErrorMessage(topic=topic, id=ident, error=code, detail=detail, ts=ts)
+
+
+_PEEK_BYTES = 64 * 1024  # the envelope comes first in practice; never scan megabytes for it
+_DECODER = json.JSONDecoder()
+_SPACE = frozenset(" \t\r\n")
+
+
+def _top_level_strings(payload: bytes, keys: tuple[str, ...]) -> dict[str, str]:
+    """String values of ``keys`` in a JSON object's top level, read until the text stops parsing."""
+    text = payload.decode("utf-8", errors="replace")
+    found: dict[str, str] = {}
+    pos = _skip(text, 0)
+    if text[pos:pos + 1] != "{":
+        return found
+    pos += 1
+    while len(found) < len(keys):
+        try:
+            pos = _skip(text, pos)
+            key, pos = _DECODER.raw_decode(text, pos)
+            pos = _skip(text, pos)
+            if text[pos:pos + 1] != ":":
+                break
+            value, pos = _DECODER.raw_decode(text, _skip(text, pos + 1))
+        except ValueError:
+            break
+        if key in keys and isinstance(value, str) and key not in found:
+            found[key] = value
+        pos = _skip(text, pos)
+        if text[pos:pos + 1] != ",":
+            break
+        pos += 1
+    return found
+
+
+def _skip(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos] in _SPACE:
+        pos += 1
+    return pos
+
+
+class NearMiss(BaseModel):
+    """An unknown field that looks like a misspelt known one (``acc`` for ``accuracy_m``)."""
+
+    field: str  # where it is, dotted for nested ones (``items.0.quantity``)
+    expected: str  # the known field fishim expected there
+
+    def rejected(self) -> Rejected:
+        """As an ``unknown_field`` error; the message itself was stored, the field kept as given."""
+        return Rejected(ErrorCode.UNKNOWN_FIELD, f"unknown field {self.field!r}: did you mean "
+                                                 f"{self.expected!r}? (message stored; {self.field!r} kept as is)")
+
+
+_NEAR_CUTOFF = 0.6  # difflib ratio: 'eta_min' vs 'eta' is 0.6, 'lng' vs 'lon' 0.67
+
+
+def near_misses(message: BaseModel, _path: str = "") -> list[NearMiss]:
+    """Unknown fields of a decoded message that are close to a known field the message does not set.
+
+    Close means a difflib ratio of at least 0.6, or the shorter name (three letters or more) being
+    an abbreviation of the longer: same first letter, its letters in order (``acc`` / ``accuracy_m``,
+    ``qty`` / ``quantity``, ``eta`` / ``eta_min``). A field whose look-
+    alike is already set is taken as a deliberate extension and not reported. Nested items and media
+    references are checked too.
+    """
+    misses: list[NearMiss] = []
+    known = [name for name in type(message).model_fields if name not in message.model_fields_set]
+    for extra in message.model_extra or {}:
+        expected = _closest(extra, known)
+        if expected is not None:
+            misses.append(NearMiss(field=_path + extra, expected=expected))
+    for name in message.model_fields_set:
+        value = getattr(message, name)
+        children = value if isinstance(value, list) else [value]
+        for index, child in enumerate(children):
+            if isinstance(child, _Body):
+                where = f"{_path}{name}.{index}." if isinstance(value, list) else f"{_path}{name}."
+                misses.extend(near_misses(child, where))
+    return misses
+
+
+def _subsequence(short: str, long: str) -> bool:
+    rest = iter(long)
+    return all(char in rest for char in short)
+
+
+def _closest(name: str, known: list[str]) -> str | None:
+    lowered = name.lower()
+    for candidate in known:
+        short, long = sorted((lowered, candidate), key=len)
+        if len(short) >= 3 and short[0] == long[0] and _subsequence(short, long):
+            return candidate
+    close = difflib.get_close_matches(lowered, known, n=1, cutoff=_NEAR_CUTOFF)
+    return close[0] if close else None

@@ -28,7 +28,7 @@ from fishim.topics import Channel, TopicRef
 S = OrderState
 OPEN_STATES = frozenset(S) - {S.DELIVERED, S.CANCELLED}
 
-# state -> states it may move to (DESIGN.md, order states). `assigned -> assigned` re-sets the rider.
+# state -> states it may move to (docs/protocol.md, order states). `assigned -> assigned` re-sets the rider.
 TRANSITIONS: dict[OrderState, frozenset[OrderState]] = {
     S.PLACED: frozenset({S.CONFIRMED, S.CANCELLED}),
     S.CONFIRMED: frozenset({S.PICKING, S.CANCELLED}),

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fishim.store")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS events (
@@ -93,7 +93,22 @@ CREATE TABLE IF NOT EXISTS deadletters (
 CREATE INDEX IF NOT EXISTS deadletters_received ON deadletters(received_at);
 """
 
-# v2 (additive): alerts and their waiting deliveries (fishim.alerts, fishim.notify), so deadlines
+# v2: each device's sync cursor, learnt from its sync requests (`fishim devices`, `fishim replay`).
+_SCHEMA_V2 = """
+CREATE TABLE IF NOT EXISTS devices (
+    user TEXT NOT NULL,
+    client_id TEXT NOT NULL,
+    cursor INTEGER NOT NULL,
+    served INTEGER NOT NULL,
+    first_seen INTEGER NOT NULL,
+    last_seen INTEGER NOT NULL,
+    syncs INTEGER NOT NULL DEFAULT 1,
+    PRIMARY KEY (user, client_id)
+);
+"""
+
+
+# v3 (additive): alerts and their waiting deliveries (fishim.alerts, fishim.notify), so deadlines
 # survive a restart; acknowledgements the CLI records for the running service to apply.
 _SCHEMA_ALERTS = """
 CREATE TABLE IF NOT EXISTS alerts (
@@ -127,7 +142,8 @@ CREATE TABLE IF NOT EXISTS alert_acks (
 );
 """
 
-MIGRATIONS: dict[int, str] = {1: _SCHEMA_V1, 2: _SCHEMA_ALERTS}
+MIGRATIONS: dict[int, str] = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_ALERTS}
+
 
 
 def now_ms() -> int:
@@ -188,6 +204,23 @@ class DeadLetter(BaseModel):
     error: str
     detail: str
     payload: bytes | None = None
+
+
+class DeviceRow(BaseModel):
+    """One device (a user's MQTT client id) as its sync requests showed it.
+
+    ``cursor`` is the ``since`` of its last sync request: everything up to it was delivered to the app
+    (the client library only asks from a cursor its app has taken). ``served`` is the ``next_since``
+    fishim answered that request with.
+    """
+
+    user: str
+    client_id: str
+    cursor: int
+    served: int
+    first_seen: int
+    last_seen: int
+    syncs: int = 1
 
 
 class RetainedRow(BaseModel):
@@ -532,6 +565,30 @@ class Store:
         return int(self.conn.execute(
             "SELECT count(*) FROM users WHERE role IS NOT ?", (exclude_role,)
         ).fetchone()[0])
+
+    # -- devices ------------------------------------------------------------------------------
+
+    def record_device(self, user: str, client_id: str, cursor: int, served: int, seen_at: int) -> None:
+        """Upsert what one sync request said about its device (autocommit, or the caller's transaction)."""
+        self.conn.execute(
+            "INSERT INTO devices (user, client_id, cursor, served, first_seen, last_seen) VALUES (?,?,?,?,?,?)"
+            " ON CONFLICT (user, client_id) DO UPDATE SET cursor=excluded.cursor, served=excluded.served,"
+            " last_seen=excluded.last_seen, syncs=syncs+1",
+            (user, client_id, cursor, served, seen_at, seen_at))
+
+    def devices(self, user: str | None = None) -> list[DeviceRow]:
+        """A user's devices (everyone's with None), most recently seen first."""
+        sql = "SELECT user, client_id, cursor, served, first_seen, last_seen, syncs FROM devices"
+        try:
+            rows = self.conn.execute(sql + (" WHERE user=?" if user else "") + " ORDER BY last_seen DESC",
+                                     (user,) if user else ()).fetchall()
+        except sqlite3.OperationalError:  # a v1 file opened read-only: nobody has synced since v2
+            return []
+        return [DeviceRow(user=u, client_id=c, cursor=k, served=s, first_seen=f, last_seen=la, syncs=n)
+                for u, c, k, s, f, la, n in rows]
+
+    def device(self, user: str, client_id: str) -> DeviceRow | None:
+        return next((d for d in self.devices(user) if d.client_id == client_id), None)
 
     # -- dead letters -------------------------------------------------------------------------
 

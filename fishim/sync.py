@@ -14,6 +14,11 @@ Why the code looks the way it does:
 - Stored payloads are the JSON text as received (validated by the bridge), so pages are spliced from
   that text with byte formatting instead of ``json.loads``/``json.dumps`` per event: the replay loop
   costs a few microseconds per event.
+- A served request records its device (``devices`` table): ``since`` is the cursor up to which the
+  device's app has taken everything, so the owner sees each phone's progress (``fishim devices``)
+  and ``fishim replay --client-id`` starts where that phone stands. The record goes through
+  ``on_device`` when given (a process with a single writer passes its own), else through a small
+  writable connection of this server's.
 - Membership is decided at sync time from the ``orders`` projection (the *current* rider), so a rider
   reassigned mid-order stops getting that order and the new one gets it, full history with ``since 0``.
 """
@@ -31,8 +36,16 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from fishim.config import Config
-from fishim.messages import ErrorCode, ErrorMessage, Rejected, SyncRequest, parse_json, schema_error
-from fishim.store import Store, now_ms
+from fishim.messages import (
+    ErrorCode,
+    ErrorMessage,
+    Rejected,
+    SyncRequest,
+    parse_json,
+    peek_identity,
+    schema_error,
+)
+from fishim.store import DeviceRow, Store, now_ms
 from fishim.topics import Channel, TopicRef, Topics
 
 __all__ = ["COLLAPSIBLE", "SyncServer"]
@@ -53,6 +66,7 @@ _PAGE_OVERHEAD = 128
 
 Row = tuple[int, int, str, str, str, str | bytes]
 RejectHook = Callable[[TopicRef, bytes, Rejected], None]
+DeviceHook = Callable[[DeviceRow], None]
 
 
 class SyncServer:
@@ -65,15 +79,18 @@ class SyncServer:
             a large store cannot hold gigabytes in memory; a reply cut there has ``"more": true`` on its
             done page and the client asks again from ``next_since``.
         on_reject: called with every refused request (the bridge records a dead letter there).
+        on_device: called with each served request's device (``syncs`` is 1, the upsert adds it up);
+            None: this server writes it to the store itself.
     """
 
     def __init__(self, store_path: Path, config: Config, *, max_events: int = 50_000,
-                 on_reject: RejectHook | None = None) -> None:
+                 on_reject: RejectHook | None = None, on_device: DeviceHook | None = None) -> None:
         self.store_path = Path(store_path)
         self.config = config
         self.topics = Topics(config.prefix)
         self.max_events = max_events
         self.on_reject = on_reject
+        self.on_device = on_device or self._record_device
         self._local = threading.local()
         self._stores: list[Store] = []
         self._lock = threading.Lock()
@@ -91,9 +108,10 @@ class SyncServer:
         started = time.perf_counter()
         try:
             request = self._parse(ref, payload)
-            pages, count = self._replay(ref, request)
+            pages, count, served = self._replay(ref, request)
         except Rejected as rejected:
             return self._refuse(ref, payload, rejected)
+        self._seen(ref, request.since, served)
         log.info("sync user=%s client=%s since=%d events=%d pages=%d ms=%.1f", ref.user, ref.client_id,
                  request.since, count, len(pages), (time.perf_counter() - started) * 1000)
         events_topic = self.topics.sync_events(ref.user or "", ref.client_id or "")
@@ -122,7 +140,7 @@ class SyncServer:
         return request
 
     def _refuse(self, ref: TopicRef, payload: bytes, rejected: Rejected) -> list[tuple[str, bytes]]:
-        request_id = _request_id(payload)
+        request_id = peek_identity(payload)[0]  # so an error can name the request it refuses
         log.warning("sync refused user=%s client=%s error=%s detail=%s", ref.user, ref.client_id,
                     rejected.code.value, rejected.detail)
         if self.on_reject is not None:
@@ -139,8 +157,8 @@ class SyncServer:
 
     # -- replay ----------------------------------------------------------------------------------
 
-    def _replay(self, ref: TopicRef, request: SyncRequest) -> tuple[list[bytes], int]:
-        """Scan one snapshot and page it; returns (pages, events replayed)."""
+    def _replay(self, ref: TopicRef, request: SyncRequest) -> tuple[list[bytes], int, int]:
+        """Scan one snapshot and page it; returns (pages, events replayed, the done page's next_since)."""
         collapse = request.collapse
         conn = self._store().conn
         conn.execute("BEGIN")
@@ -164,7 +182,7 @@ class SyncServer:
                 collapsed = list(COLLAPSIBLE)
             rows = kept
         pages = self._pages(rows, request.since, end, request.id, collapsed, more)
-        return pages, len(rows)
+        return pages, len(rows), end
 
     def _readable_orders(self, conn: sqlite3.Connection, user: str,
                          narrowed: Sequence[str] | None) -> list[str] | None:
@@ -237,6 +255,25 @@ class SyncServer:
         pages.append(_page(page, end, len(pages), True, rid + extra))
         return pages
 
+    # -- devices ---------------------------------------------------------------------------------
+
+    def _seen(self, ref: TopicRef, cursor: int, served: int) -> None:
+        now = now_ms()
+        device = DeviceRow(user=ref.user or "", client_id=ref.client_id or "", cursor=cursor, served=served,
+                           first_seen=now, last_seen=now)
+        try:
+            self.on_device(device)
+        except Exception:  # the replay matters more than the bookkeeping: answer anyway
+            log.exception("recording device user=%s client=%s failed", ref.user, ref.client_id)
+
+    def _record_device(self, device: DeviceRow) -> None:
+        writer: Store | None = getattr(self._local, "writer", None)
+        if writer is None:
+            writer = self._local.writer = Store(self.store_path)
+            with self._lock:
+                self._stores.append(writer)
+        writer.record_device(device.user, device.client_id, device.cursor, device.served, device.last_seen)
+
     def _store(self) -> Store:
         store: Store | None = getattr(self._local, "store", None)
         if store is None:
@@ -281,13 +318,3 @@ def notify_log(user: str) -> str:
 
 def _column_orders(conn: sqlite3.Connection, column: str, user: str) -> set[str]:
     return {r[0] for r in conn.execute(f"SELECT id FROM orders WHERE {column}=?", (user,))}
-
-
-def _request_id(payload: bytes) -> str | None:
-    """The request's ``id`` if it is readable, so an error can name the request it refuses."""
-    try:
-        data = json.loads(payload)
-    except (UnicodeDecodeError, ValueError):
-        return None
-    ident = data.get("id") if isinstance(data, dict) else None
-    return ident if isinstance(ident, str) and 0 < len(ident) <= 64 else None

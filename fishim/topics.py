@@ -1,4 +1,4 @@
-"""The topic tree (DESIGN.md): parse a topic into a typed reference, and build topics.
+"""The topic tree (docs/protocol.md): parse a topic into a typed reference, and build topics.
 
 Every other module goes through here, so the prefix and the name rules live in one place.
 """

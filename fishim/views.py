@@ -8,14 +8,27 @@ milliseconds, like the store. Nothing here writes.
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from typing import Any
 
-from fishim.config import parse_duration
 from fishim.store import DeadLetter, OrderOverview, Store, StoredEvent
 
 OPEN_EXCLUDED = ("delivered", "cancelled")
 LATE_AFTER_DEFAULT = "60m"  # an open order placed longer ago than this is "late" (orders list --late)
+
+_DURATION = re.compile(r"(\d+)\s*([smhdw])", re.IGNORECASE)
+_UNIT_MS = {"s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
+
+
+def parse_duration(text: str) -> int:
+    """``90s``, ``15m``, ``2h``, ``1h30m``, ``3d``, ``1w`` → milliseconds; ValueError otherwise."""
+    cleaned = text.strip().lower()
+    parts = _DURATION.findall(cleaned)
+    if not parts or _DURATION.sub("", cleaned).strip():
+        raise ValueError(f"not a duration: {text!r} (try 90s, 15m, 2h, 1h30m, 3d)")
+    return sum(int(n) * _UNIT_MS[unit.lower()] for n, unit in parts)
+
 
 def parse_since(text: str, now: int) -> int:
     """A duration back from ``now`` (``2h``) or a local date/time (``2024-05-01``, ``2024-05-01T09:30``)."""
@@ -92,7 +105,7 @@ def summarize(channel: str, sender: str, payload: dict[str, Any]) -> str:
         text = f"{payload.get('sku')} x{payload.get('qty')} by {payload.get('scanner') or sender}"
         return text + (f" bin {payload['bin']}" if payload.get("bin") else "")
     if channel == "receipts":
-        return f"{sender} read up to #{payload.get('read_up_to')}"
+        return f"{sender} read up to order #{payload.get('read_up_to')}"
     if channel == "notify":
         return f"[{payload.get('priority')}] {payload.get('reason')}: {payload.get('text', '')}"
     return json.dumps(payload)[:80]
@@ -237,3 +250,10 @@ def _alert(alert: Any, now: int) -> dict[str, Any]:
     data["age_s"] = max(now - (alert.opened_at or alert.started_at), 0) // 1000
     data["escalated"] = alert.escalated_at is not None
     return data
+
+
+def devices_view(store: Store, user: str | None) -> dict[str, Any]:
+    """``fishim devices``: each device's last acknowledged cursor, and how far behind the store it is."""
+    top = store.max_seq()
+    return {"user": user, "max_seq": top,
+            "devices": [{**d.model_dump(), "behind": max(top - d.cursor, 0)} for d in store.devices(user)]}

@@ -413,7 +413,7 @@ def test_suback_is_not_held_behind_a_full_in_flight_window(embedded_broker_facto
 
 
 def test_retain_flag_honoured_only_on_retained_channels(embedded_broker, paho):
-    """DESIGN.md: status, location and receipts are retained; a client setting retain on chat or
+    """docs/protocol.md: status, location and receipts are retained; a client setting retain on chat or
     picks gets them delivered live but not kept for later subscribers."""
     port = embedded_broker.port
     live = paho(port, "live")

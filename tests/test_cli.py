@@ -129,7 +129,7 @@ def test_orders_show_timeline(shop: Path) -> None:
                    "placed items ROD-21x1", "assigned rider rider8 by shop",
                    '13812345678: "Can you add a spare leader? @shop" mentions @shop',
                    "[image image/jpeg 47 KB sha256:abababababab]", "LURE-7 x1 by scan1 bin A3 (",
-                   "5 fixes by rider8: first", "13812345678 read up to #8 of 17"):
+                   "5 fixes by rider8: first", "13812345678 read up to order #8 of 17"):
         assert needle in out, needle
     sections = [line for line in out.splitlines() if line in ("Items", "Timeline", "Location", "Read")]
     assert sections == ["Items", "Timeline", "Location", "Read"]
@@ -202,7 +202,7 @@ def test_stats_reads_the_local_service_status(tmp_path: Path) -> None:
 
 def test_replay_is_what_the_user_may_read(shop: Path) -> None:
     data = run_json(shop, "replay", "rider7")
-    assert set(data) == {"user", "role", "client_id", "since", "pages", "next_since", "more", "collapsed",
+    assert set(data) == {"user", "role", "client_id", "since", "since_from", "pages", "next_since", "more", "collapsed",
                          "events"}
     orders = {e["topic"].split("/")[2] for e in data["events"]}
     assert orders == {"A100", "A102"} and data["role"] == "rider"
@@ -211,7 +211,7 @@ def test_replay_is_what_the_user_may_read(shop: Path) -> None:
     later = run_json(shop, "replay", "rider7", "--since", str(data["events"][-3]["seq"]))
     assert [e["seq"] for e in later["events"]] == [e["seq"] for e in data["events"][-2:]]
     assert run_json(shop, "replay", "scan1")["events"] == []
-    assert "rider7 (rider) syncing from 0 would get" in run(shop, "replay", "rider7").output
+    assert "rider7 (rider) syncing from seq 0 would get" in run(shop, "replay", "rider7").output
     bad = run(shop, "replay", "no/slash")
     assert bad.exit_code == 2 and bad.output.startswith("fishim: USER: bad name")
 
@@ -237,7 +237,7 @@ def test_watch_follows_new_events_live_and_stops_on_ctrl_c(tmp_path: Path) -> No
             assert "watching" in proc.stderr.readline()  # printed once the cursor is taken
             w.publish("fishim/orders/B1/status", {"id": "B1-c", "ts": 1, "sender": "shop", "state": "confirmed"})
             w.publish("fishim/orders/B1/status", {"id": "B1-x", "ts": 1, "sender": "shop", "state": "packed"})
-            assert "B1  #2  status: confirmed by shop" in proc.stdout.readline()
+            assert "B1  order #2  seq 2  status: confirmed by shop" in proc.stdout.readline()
             assert "REFUSED illegal_transition from shop" in proc.stdout.readline()
             proc.send_signal(signal.SIGINT)
             assert proc.wait(10) == 0
@@ -266,6 +266,10 @@ def test_bad_config_is_one_line_naming_key_and_file(tmp_path: Path) -> None:
     # found through FISHIM_CONFIG too, for every command
     proc = subprocess_cli("stats", env={"FISHIM_CONFIG": str(config)})
     assert proc.returncode == 2 and proc.stderr.startswith(f"fishim: {config}: limits.max_payload:")
+    config.write_text("limits:\n  max_paylod: 64k\n", encoding="utf-8")  # a typo gets a "did you mean"
+    proc = subprocess_cli("-c", str(config), "stats")
+    assert proc.returncode == 2
+    assert proc.stderr == f"fishim: {config}: limits.max_paylod: unknown key (did you mean 'max_payload'?)\n"
 
 
 def test_missing_store_is_one_line(tmp_path: Path) -> None:
@@ -304,7 +308,7 @@ def test_every_help_has_an_example(path: tuple[str, ...]) -> None:
 
 def test_every_read_command_has_json() -> None:
     reads = [("orders", "list"), ("orders", "show"), ("orders", "watch"), ("deadletters",), ("stats",),
-             ("replay",), ("users", "list")]
+             ("replay",), ("devices",), ("users", "list")]
     for path in reads:
         assert "--json" in CliRunner().invoke(main, [*path, "--help"]).output, path
 
@@ -501,7 +505,7 @@ def test_real_bridge_orders_show(lived: Path) -> None:
     human = subprocess_cli("orders", "show", "L1", env={"FISHIM_DB": str(lived)}).stdout
     for needle in ("Order L1  delivered", "LURE-7  2/2 picked", "LURE-7 x2 by scan1 bin B1 (2/2)",
                    "mentions @shop", "[image image/jpeg 47 KB sha256:abababababab]", "3 fixes by rider7",
-                   "cust1 read up to #"):
+                   "cust1 read up to order #"):
         assert needle in human, needle
 
 

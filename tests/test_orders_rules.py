@@ -68,7 +68,7 @@ ALL_PAIRS = [(a, b) for a in S for b in S]
 
 @pytest.mark.parametrize(("current", "new"), ALL_PAIRS, ids=[f"{a.value}->{b.value}" for a, b in ALL_PAIRS])
 def test_transition_table(current: S, new: S) -> None:
-    """Every pair of states: allowed exactly when DESIGN.md's lifecycle says so."""
+    """Every pair of states: allowed exactly when the lifecycle of docs/protocol.md says so."""
     order = placed().model_copy(update={"state": current.value, "rider": "r1"})
     msg = status(new, rider="r2") if new is S.ASSIGNED else status(new)
     if new in TRANSITIONS[current]:

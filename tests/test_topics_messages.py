@@ -1,11 +1,21 @@
-"""The topic tree and payload contract (DESIGN.md): parse, build, validate, refuse clearly."""
+"""The topic tree and payload contract (docs/protocol.md): parse, build, validate, refuse clearly."""
 
 import json
 from datetime import UTC, datetime
 
 import pytest
 
-from fishim.messages import Chat, ErrorCode, Rejected, Status, decode, peek_identity
+from fishim.messages import (
+    Chat,
+    ErrorCode,
+    Location,
+    NearMiss,
+    Rejected,
+    Status,
+    decode,
+    near_misses,
+    peek_identity,
+)
 from fishim.topics import Channel, TopicError, Topics, matches, parse
 
 T = Topics("fishim")
@@ -118,3 +128,26 @@ def test_chat_leaf_must_match_sender() -> None:
 def test_peek_identity_for_error_routing() -> None:
     assert peek_identity(env(state="x")) == ("m1", "cust1")
     assert peek_identity(b"garbage") == (None, None)
+    # an oversize or cut-off payload still names its id when the id came before the damage
+    assert peek_identity(b'{"id": "big-1", "sender": "rider7", "text": "' + b"x" * 200_000) == ("big-1", "rider7")
+    assert peek_identity(b'{"id": "c9", "text": oops}') == ("c9", None)
+    assert peek_identity(b'{"items": [{"id": "nested"}], "id": "top"}') == ("top", None)
+
+
+def test_near_misses_name_the_expected_field() -> None:
+    loc = decode(parse(T.location("o1")), env(lat=1, lon=2, acc=6, battery=80), 1000)
+    assert isinstance(loc, Location)
+    assert near_misses(loc) == [NearMiss(field="acc", expected="accuracy_m")]
+    assert loc.model_extra == {"acc": 6, "battery": 80}  # still kept
+    status = decode(parse(T.status("o1")), env(state="placed", customer="c", eta_min=15,
+                                                 items=[{"sku": "rod", "quantity": 2}]), 1000)
+    assert {(m.field, m.expected) for m in near_misses(status)} == {("eta_min", "eta"), ("items.0.quantity", "qty")}
+    both = decode(parse(T.status("o1")), env(state="confirmed", eta=10, eta_min=15), 1000)
+    assert near_misses(both) == []  # the known field is set too: a deliberate extension
+
+
+def test_schema_error_lists_every_problem() -> None:
+    with pytest.raises(Rejected) as info:
+        decode(parse(T.location("o1")), json.dumps({"ts": 1, "sender": "r", "lat": 91}).encode(), 1000)
+    assert info.value.detail == ("id: Field required; lat: Input should be less than or equal to 90; "
+                                 "lon: Field required")

@@ -74,7 +74,7 @@ class Authorizer(Protocol):
 class LoopbackAnonymous:
     """Anyone on a loopback listener, as an anonymous principal; nobody on any other listener.
 
-    DESIGN.md: with no users in the store the broker accepts anonymous clients on loopback only,
+    docs/protocol.md: with no users in the store the broker accepts anonymous clients on loopback only,
     as Mosquitto 2 does. Credentials, if sent, are ignored (there is nothing to check them against).
     """
 
@@ -155,8 +155,7 @@ class EmbeddedBroker:
 
     def _start_ingest(self, core: FishimBroker, ingest: BrokerIngest) -> None:
         rows = ingest.open()
-        for row in rows:
-            core.store_retained(row.topic, row.payload, row.qos)
+        core.initial_retained = [(row.topic, row.payload, row.qos) for row in rows]
         core.sync = self._sync = SyncWorker(self.config, ingest)
         ingest.start(asyncio.get_running_loop(), core.committed)
         log.info("retained_loaded %s", kv(count=len(rows)))

@@ -2,7 +2,7 @@
 
 Kept from amqtt: the per-connection protocol handler (reader loop, PINGREQ, the inbound QoS-2 flow),
 ``_client_message_loop``, the subscription and retained tables, ``Session`` objects, its ``Server``
-bookkeeping and ``shutdown``. Replaced, each because of a flaw measured in DESIGN.md or found since
+bookkeeping and ``shutdown``. Replaced, each because of a flaw measured (docs/broker.md) or found since
 (docs/broker.md has the amqtt line references):
 
 - connection setup (``_client_connected``, ``_initialize_client_session``, ``_handle_client_session``):
@@ -14,7 +14,7 @@ bookkeeping and ``shutdown``. Replaced, each because of a flaw measured in DESIG
   receive check per delivery, into each session's :class:`~fishim.broker.outbox.Outbox`;
 - retained delivery only on SUBSCRIBE, per filter, each message receive-checked (and on a
   membership announcement, an order's retained messages to the sessions it newly lets read them);
-  a client's retain flag is honoured only on DESIGN.md's retained channels;
+  a client's retain flag is honoured only on the retained channels of docs/protocol.md;
 - packet order: PUBLISH, SUBSCRIBE and UNSUBSCRIBE take effect in the order the client sent them
   (:class:`FishimHandler`); connection end: one future per connection, so no loss goes unnoticed.
 """
@@ -209,7 +209,7 @@ class FishimBroker(Broker):
                  on_refused: RefusedCallback | None, ingest: BrokerIngest | None = None) -> None:
         amqtt_config = BrokerConfig(
             listeners={"default": AmqttListenerConfig(bind=None)},  # fishim opens its own (bind())
-            plugins={},  # no EventLogger/PacketLogger/$SYS plugins (DESIGN.md: 35-40% of throughput)
+            plugins={},  # no EventLogger/PacketLogger/$SYS plugins (they cost 35-40% of throughput, docs/broker.md)
             timeout_disconnect_delay=0,
         )
         super().__init__(amqtt_config)
@@ -224,6 +224,7 @@ class FishimBroker(Broker):
         self.on_refused = on_refused
         self.ingest = ingest
         self.sync: SyncWorker | None = None
+        self.initial_retained: list[tuple[str, bytes, int]] = []  # from the store, held before serving
         self._head = config.prefix + "/"
         self._orders_head = f"{config.prefix}/orders/"
         self._service_user = config.bridge.username
@@ -278,7 +279,11 @@ class FishimBroker(Broker):
                                 f"{exc.strerror or exc}") from None
 
     async def _start_listeners(self) -> None:
-        """amqtt hook: start accepting on the sockets :meth:`bind` opened."""
+        """amqtt hook: hold the stored retained values (amqtt's ``start`` cleared its table just
+        before), then start accepting on the sockets :meth:`bind` opened."""
+        for topic, payload, qos in self.initial_retained:
+            self.store_retained(topic, payload, qos)
+        self.initial_retained = []
         for name, server in self._bound.items():
             self._servers[name] = Server(name, server)
             await server.start_serving()
@@ -568,9 +573,9 @@ class FishimBroker(Broker):
                 if event.ref.retained:
                     self.store_retained(event.topic, event.payload, QOS_1)
                 qos = QOS_1  # automatic follow-ups go out at QoS 1
-        elif result.error is not None and result.error_to is not None:
+        if result.error is not None and result.error_to is not None:  # a refusal, or a stored one's warning
             self.route(f"{self._head}errors/{result.error_to}", result.error_payload, QOS_1)
-        elif result.kind is Kind.SYNC and self.sync is not None and result.ref is not None:
+        if result.kind is Kind.SYNC and self.sync is not None and result.ref is not None:
             self._background_task(self._answer_sync(result.ref, m.payload))
         elif result.kind is Kind.CLEARED and m.user is not None:
             error = ErrorMessage(topic=m.topic, error=ErrorCode.BAD_JSON, ts=now_ms(),
@@ -600,7 +605,7 @@ class FishimBroker(Broker):
         self.accept_publish(session, topic, bytes(message), session.will_qos or 0, bool(session.will_retain))
 
     def _retainable(self, topic: str) -> bool:
-        """May a client's retain flag keep ``topic``? Only DESIGN.md's retained channels
+        """May a client's retain flag keep ``topic``? Only the retained channels of docs/protocol.md
         (status, location, receipts): a retained chat or picks message would be replayed to every
         later subscriber as if it were current state. Such a publish is still delivered live.
         ``may_publish`` has no retain argument, so the broker decides; MQTT 3.1.1 has no way to say
