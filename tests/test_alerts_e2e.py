@@ -66,6 +66,13 @@ def sync(client: MqttClient, user: str) -> list[dict[str, Any]]:
                 return events
 
 
+def ask(client: MqttClient, customer: str, order: str, inbox: Collector) -> dict[str, Any]:
+    """The customer asks on its order's chat; nobody answers: the next notification in ``inbox``."""
+    publish_and_wait(client, f"fishim/orders/{order}/chat/{customer}", json.dumps(
+        {"id": f"{customer}-ask-{order}", "ts": 1_794_000_000_000, "sender": customer, "text": "where is it?"}))
+    return json.loads(inbox.get(timeout=15).payload)
+
+
 def wait_alert(stack: Stack, order: str | None, state: str, alert_id: str | None = None,
                timeout: float = 15.0) -> dict[str, Any]:
     """Poll `fishim alerts --json` until an alert of ``order`` (or with ``alert_id``) is in ``state``."""
@@ -83,9 +90,7 @@ def test_unanswered_chat_notifies_staff_escalates_to_the_offline_owner_and_is_pu
     stack, passwords = shop
     with login(stack, passwords, "clerk") as clerk, login(stack, passwords, "c1") as c1, \
             Collector(clerk, "fishim/notify/clerk") as inbox:
-        publish_and_wait(c1, "fishim/orders/A1/chat/c1", json.dumps(
-            {"id": "c1-ask", "ts": 1_794_000_000_000, "sender": "c1", "text": "where is my reel?"}))
-        note = json.loads(inbox.get(timeout=15).payload)
+        note = ask(c1, "c1", "A1", inbox)
         assert {k: note[k] for k in ("priority", "reason", "order")} == {
             "priority": "urgent", "reason": "unanswered_customer", "order": "A1"}
         assert set(note) >= {"id", "ts", "priority", "reason", "order", "text", "alert", "seq", "order_seq"}
@@ -112,9 +117,7 @@ def test_a_staff_answer_closes_the_open_alert(
     stack, passwords = shop
     with login(stack, passwords, "clerk") as clerk, login(stack, passwords, "c2") as c2, \
             Collector(clerk, "fishim/notify/clerk") as inbox:
-        publish_and_wait(c2, "fishim/orders/A2/chat/c2", json.dumps(
-            {"id": "c2-ask", "ts": 1_794_000_000_000, "sender": "c2", "text": "can you gift-wrap?"}))
-        note = json.loads(inbox.get(timeout=15).payload)
+        note = ask(c2, "c2", "A2", inbox)
         assert note["order"] == "A2"
         publish_and_wait(clerk, "fishim/orders/A2/chat/clerk", json.dumps(
             {"id": "clerk-answer", "ts": 1_794_000_000_500, "sender": "clerk", "text": "sure"}))
