@@ -639,6 +639,7 @@ def alerts(click_ctx: click.Context, open_only: bool, as_json: bool) -> None:
     Open alerts come first, ranked by priority (urgent, high, normal, low) and then age; without
     --open the ones that closed follow (why they closed: answered, rider_back, acknowledged, ...).
     ESC is 'yes' once the alert went to the owner. Failed off-app pushes are listed at the end.
+    Customer names that look like phone numbers are masked here; --json shows them unmasked.
 
     \b
     Example:
@@ -647,6 +648,7 @@ def alerts(click_ctx: click.Context, open_only: bool, as_json: bool) -> None:
     """
     if click_ctx.invoked_subcommand is not None:
         return
+    from fishim.logs import mask
     from fishim.views import alerts_list, fmt_age
 
     ctx = click_ctx.find_object(Ctx)
@@ -664,7 +666,7 @@ def alerts(click_ctx: click.Context, open_only: bool, as_json: bool) -> None:
             state = a["state"] if a["state"] == "open" else f"closed ({a['close_reason']})"
             rows.append([a["id"], a["priority"], a["reason"], a["order"] or "-", fmt_age(a["age_s"] * 1000),
                          "yes" if a["escalated"] else "-", state,
-                         a["text"] + (f"  [push failed: {a['push_error']}]" if a["push_error"] else "")])
+                         mask(a["text"]) + (f"  [push failed: {a['push_error']}]" if a["push_error"] else "")])
             colours.append({1: _PRIORITY_COLOURS.get(a["priority"]), 6: "red" if a["state"] == "open" else None})
         _table(["ID", "PRIORITY", "REASON", "ORDER", "AGE", "ESC", "STATE", "WHAT"], rows, colours)
     if data["pending"]:

@@ -32,10 +32,14 @@ _TYPES = {"urgent": "failure", "high": "warning", "normal": "info", "low": "info
 
 
 def render(item: Outgoing) -> tuple[str, str]:
-    """Title and body of one push: priority, reason and order up front, so a lock screen shows them."""
+    """Title and body of one push: priority, reason and order up front, so a lock screen shows them.
+
+    The push leaves the shop for a third-party service, so phone numbers and addresses in the text
+    (a customer named by its phone number) are masked as in the logs; the app has the details.
+    """
     note = item.notification
     title = f"[{note.priority}] {note.reason.replace('_', ' ')}" + (f" - order {note.order}" if note.order else "")
-    lines = [note.text, f"priority: {note.priority}", f"order: {note.order or '-'}"]
+    lines = [mask(note.text), f"priority: {note.priority}", f"order: {note.order or '-'}"]
     if note.alert:
         lines.append(f"alert: {note.alert} (fishim alerts ack {note.alert})")
     return title, "\n".join(lines)

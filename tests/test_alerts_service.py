@@ -209,3 +209,14 @@ def test_an_ack_from_the_cli_reaches_the_running_service(tmp_path: Path) -> None
         assert unknown.exit_code == 2 and "no alert" in unknown.output
     finally:
         shop.service.close()
+
+
+def test_a_push_masks_a_customer_named_by_phone_number() -> None:
+    from fishim.alerts import Outgoing
+    from fishim.push import render
+
+    note = Notification(id="n1", ts=T0, sender="fishim-bridge", priority="urgent", reason="unanswered_customer",
+                        order="O1", text="customer 13812345678 is waiting for an answer on order O1", alert="al-1")
+    title, body = render(Outgoing(id="p1", user="boss", kind="push", due_at=T0, notification=note, target=0))
+    assert "13812345678" not in title + body and "*********78" in body
+    assert title == "[urgent] unanswered customer - order O1"
