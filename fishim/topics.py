@@ -135,10 +135,6 @@ class Topics:
         """``user``'s notifications, published by fishim only (fishim.alerts)."""
         return f"{self.prefix}/notify/{user}"
 
-    def system(self, name: str) -> str:
-        """Service-only topics (e.g. membership changes the broker's ACL listens to)."""
-        return f"{self.prefix}/system/{name}"
-
     @property
     def all_orders(self) -> str:
         return f"{self.prefix}/orders/#"
