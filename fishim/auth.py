@@ -396,7 +396,11 @@ _DUMMY_HASH = hash_password(secrets.token_urlsafe(16))
 Template = tuple[str, ...]
 
 _ORDER_LEAVES = ("status", "location", "picks")
-_READ_OWN: tuple[Template, ...] = (("sync", "<self>", "<any>", "events"), ("errors", "<self>"))
+_READ_OWN: tuple[Template, ...] = (("sync", "<self>", "<any>", "events"), ("errors", "<self>"),
+                                   ("notify", "<self>"))
+# Presence of the other side of an open order (a customer's rider, a rider's customers): "<contact>".
+_CONTACTS: tuple[Template, ...] = (("presence", "<contact>"),)
+_SERVICE_ONLY = ("presence", "notify")  # published by fishim alone, whatever the role's templates say
 _WRITE_OWN: tuple[Template, ...] = (("sync", "<self>", "<any>", "request"),)
 _EVERYTHING: tuple[Template, ...] = (("#",),)
 
@@ -423,10 +427,11 @@ POLICY: dict[str | None, tuple[tuple[Template, ...], tuple[Template, ...]]] = {
     None: (_EVERYTHING, _EVERYTHING),
     Role.SERVICE: (_EVERYTHING, _EVERYTHING),
     Role.OWNER: (_EVERYTHING, _STAFF_WRITE),
-    Role.STAFF: (_order_read("<any>") + _READ_OWN, _STAFF_WRITE),
-    Role.RIDER: (_order_read("<member>") + _READ_OWN,
+    Role.STAFF: (_order_read("<any>") + _READ_OWN + (("presence", "<any>"),), _STAFF_WRITE),
+    Role.RIDER: (_order_read("<member>") + _READ_OWN + _CONTACTS,
                  _order_write("<member>", "status", "location", "chat", "receipts") + _WRITE_OWN),
-    Role.CUSTOMER: (_order_read("<member>") + _READ_OWN, _order_write("<member>", "chat", "receipts") + _WRITE_OWN),
+    Role.CUSTOMER: (_order_read("<member>") + _READ_OWN + _CONTACTS,
+                    _order_write("<member>", "chat", "receipts") + _WRITE_OWN),
     # Scanners are warehouse devices, not order members: picks on any order (the bridge gates picks
     # on the order's state and items), nothing to read but their own sync replies and errors.
     Role.SCANNER: (_READ_OWN, _order_write("<any>", "picks") + _WRITE_OWN),
@@ -502,7 +507,7 @@ class OrderAcl:
         levels = topic_filter.split("/")
         if not _valid_filter(levels):
             return False
-        return self._allowed(principal, levels, _policy(principal)[0])
+        return self._allowed(principal, levels, _policy(principal)[0], subscribing=True)
 
     def may_receive(self, principal: Principal, topic: str) -> bool:
         return self._topic_allowed(principal, topic, write=False)
@@ -528,6 +533,22 @@ class OrderAcl:
             return hit
         with self._reader.lock:
             return self._load(order)
+
+    def contacts(self, principal: Principal, other: str) -> bool:
+        """Do ``principal`` and ``other`` share an open order as its customer and its rider?
+
+        Asked only for presence deliveries (rare next to order traffic), straight from the store so
+        that an order that closed a moment ago already hides its rider from its customer.
+        """
+        if principal.role == Role.CUSTOMER:
+            customer, rider = principal.username, other
+        elif principal.role == Role.RIDER:
+            customer, rider = other, principal.username
+        else:
+            return False
+        with self._reader.lock:
+            store = self._reader.store()
+            return store is not None and store.open_order_between(customer or "", rider)
 
     def _load(self, order: str) -> tuple[str | None, str | None] | None:
         """Read the store on a cache miss (lock held); unknown orders are remembered briefly."""
@@ -566,7 +587,8 @@ class OrderAcl:
         candidates = index.get((levels[0], len(levels)), ())
         return any(self._match(principal, levels, t) for t in (*index.get(None, ()), *candidates))
 
-    def _allowed(self, principal: Principal, levels: list[str], templates: tuple[Template, ...]) -> bool:
+    def _allowed(self, principal: Principal, levels: list[str], templates: tuple[Template, ...], *,
+                 subscribing: bool = False) -> bool:
         n = len(self._prefix)
         if tuple(levels[:n]) != self._prefix:
             # only a wildcard filter can still reach the prefix ("#", "+/orders/#")
@@ -575,26 +597,27 @@ class OrderAcl:
             if len(levels) < n and levels[-1] != "#":
                 return False
         rest = levels[n:] if len(levels) > n or levels[-1] != "#" else ["#"]
-        return any(self._match(principal, rest, t) for t in templates)
+        return any(self._match(principal, rest, t, subscribing) for t in templates)
 
-    def _match(self, principal: Principal, levels: list[str], template: Template) -> bool:
+    def _match(self, principal: Principal, levels: list[str], template: Template, subscribing: bool = False) -> bool:
         """Does ``template`` match ``levels`` (a topic, or a filter with ``+``/``#``)? Literal levels
         are compared first so that a membership lookup only happens for the one plausible template."""
         for i, tok in enumerate(template):
             if tok == "#":
-                return i < len(levels) and self._placeholders(principal, levels, template[:i])
+                return i < len(levels) and self._placeholders(principal, levels, template[:i], subscribing)
             if i >= len(levels):
                 return False
             level = levels[i]
             if level == "#":
-                return self._placeholders(principal, levels, template[:i])
+                return self._placeholders(principal, levels, template[:i], subscribing)
             if tok[0] != "<" and level != "+" and level != tok:
                 return False
         if len(levels) > len(template) and levels[len(template):] != ["#"]:
             return False
-        return self._placeholders(principal, levels, template)
+        return self._placeholders(principal, levels, template, subscribing)
 
-    def _placeholders(self, principal: Principal, levels: list[str], template: Template) -> bool:
+    def _placeholders(self, principal: Principal, levels: list[str], template: Template,
+                      subscribing: bool = False) -> bool:
         for tok, level in zip(template, levels, strict=False):
             if tok[0] != "<" or level == "+":
                 continue
@@ -602,6 +625,8 @@ class OrderAcl:
                 ok = level == principal.username
             elif tok == "<member>" and principal.order is not None:  # a tracking link: its order only
                 ok = level == principal.order
+            elif tok == "<contact>":  # subscribing: allowed, each delivery is checked when it happens
+                ok = is_name(level) and (subscribing or self.contacts(principal, level))
             elif tok == "<member>":
                 ok = (principal.username is not None and is_name(level)
                       and principal.username in (self.members(level) or ()))

@@ -54,10 +54,11 @@ def acl_text(store: Store, prefix: str) -> str:
         "# pattern below grants them. Mosquitto cannot tie client ids to accounts nor reserve fishim-*",
         "# ids for the service account; docs/security.md lists what only the embedded broker enforces.",
         "",
-        "# every user: its own sync requests and replies, its own error messages",
+        "# every user: its own sync requests and replies, its own error messages and notifications",
         f"pattern write {p}/sync/%u/+/request",
         f"pattern read {p}/sync/%u/+/events",
         f"pattern read {p}/errors/%u",
+        f"pattern read {p}/notify/%u",
     ]
     for user in store.users():
         lines += ["", f"# {user.role}", f"user {user.name}", *_user_lines(store, p, user.name, user.role)]
@@ -73,7 +74,7 @@ def _user_lines(store: Store, p: str, name: str, role: str) -> list[str]:
         case Role.OWNER:
             return [f"topic read {p}/#", *shop_writes, *own_leaves]
         case Role.STAFF:
-            return [f"topic read {p}/orders/#", *shop_writes, *own_leaves]
+            return [f"topic read {p}/orders/#", f"topic read {p}/presence/+", *shop_writes, *own_leaves]
         case Role.SCANNER:
             return [f"topic write {p}/orders/+/picks"]
         case Role.RIDER | Role.CUSTOMER:
@@ -86,6 +87,9 @@ def _user_lines(store: Store, p: str, name: str, role: str) -> list[str]:
                           f"topic write {base}/receipts/{name}"]
                 if role == Role.RIDER:
                     lines += [f"topic write {base}/status", f"topic write {base}/location"]
+            contacts = {(o.customer if role == Role.RIDER else o.rider) for o in orders
+                        if o.state not in ("delivered", "cancelled")} - {None}
+            lines += [f"topic read {p}/presence/{other}" for other in sorted(contacts)]  # open orders only
             return lines
     return []  # a role this version doesn't know: only the patterns above
 

@@ -23,6 +23,8 @@ class Channel(StrEnum):
     SYNC_EVENTS = "sync_events"
     ERRORS = "errors"
     SYSTEM = "system"
+    PRESENCE = "presence"
+    NOTIFY = "notify"
 
 
 ORDER_CHANNELS = frozenset({Channel.STATUS, Channel.CHAT, Channel.LOCATION, Channel.PICKS, Channel.RECEIPTS})
@@ -86,6 +88,8 @@ def parse(topic: str, prefix: str = "fishim") -> TopicRef:
             ref = TopicRef(channel=Channel.SYNC_EVENTS, user=user, client_id=client_id)
         case ["errors", user]:
             ref = TopicRef(channel=Channel.ERRORS, user=user)
+        case ["presence" | "notify" as ch, user]:
+            ref = TopicRef(channel=Channel(ch), user=user)
         case ["system", *rest] if rest and all(rest):
             return TopicRef(channel=Channel.SYSTEM)
         case _:
@@ -137,6 +141,14 @@ class Topics:
 
     def errors(self, user: str) -> str:
         return f"{self.prefix}/errors/{user}"
+
+    def presence(self, user: str) -> str:
+        """Retained, published by fishim only: is ``user`` online (fishim.presence)."""
+        return f"{self.prefix}/presence/{user}"
+
+    def notify(self, user: str) -> str:
+        """``user``'s notifications, published by fishim only (fishim.alerts)."""
+        return f"{self.prefix}/notify/{user}"
 
     @property
     def all_orders(self) -> str:

@@ -157,7 +157,7 @@ def test_access_table_on_real_clients(broker: object, shop: tuple[Path, dict[str
     assert not [user for user, pw in shop[1].items() if pw in logged]
     size = (len(PUBLISHERS) * len(PUBLISH) + len(RECEIVERS) * len(SUBSCRIBE)
             + len(RECEIVERS) * len(RECEIVE_FILTERS) * (len(RETAINED) + len(RECEIVE)))
-    assert result.rows == size == 816
+    assert result.rows == size == 1028
 
 
 def _say(client: MqttClient, topic: str, tag: str, retain: bool = False, **fields: Any) -> None:

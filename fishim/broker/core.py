@@ -61,10 +61,11 @@ from fishim.broker.wire import (
     unsuback,
 )
 from fishim.config import Config, ListenerConfig, TlsConfig
-from fishim.ingest import Inbound, Kind, Result, Work
+from fishim.ingest import Committed, Inbound, Kind, Result, Work
 from fishim.messages import ErrorCode, ErrorMessage, Rejected
+from fishim.presence import PresenceTracker, Token
 from fishim.store import now_ms
-from fishim.topics import TopicError, TopicRef, matches, parse
+from fishim.topics import TopicError, TopicRef, Topics, matches, parse
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -158,6 +159,7 @@ class FishimHandler(BrokerProtocolHandler):
     """
 
     graceful = False
+    presence: Token | None = None  # this connection's place in the user's presence (fishim.presence)
 
     def __init__(self, core: FishimBroker, guard: GuardedReader) -> None:
         super().__init__(core.plugins_manager, loop=core._loop)
@@ -296,6 +298,13 @@ class FishimBroker(Broker):
         self._match_cache: dict[str, list[str]] = {}
         self._per_host: dict[str, int] = {}  # open connections per client address
         self._host_refusals: dict[str, int] = {}  # connections refused per address, this episode
+        self.presence = PresenceTracker(Topics(config.prefix), self._publish_presence)
+        self.after_commit: list[Callable[[list[Committed]], object]] = []  # called after each batch is routed
+
+    def _publish_presence(self, topic: str, payload: bytes) -> None:
+        """fishim's own retained message: routed (receive-checked) and kept for later subscribers."""
+        self.route(topic, payload, QOS_1)
+        self.store_retained(topic, payload, QOS_1)
 
     # -- listeners ---------------------------------------------------------------------------
 
@@ -540,6 +549,7 @@ class FishimBroker(Broker):
                                     keepalive=request.keepalive))
         if self._is_current(session, handler):  # not if taken over meanwhile: the outbox is no longer ours
             state_of(session).outbox.attach(handler, partial(self.authorizer.may_receive, principal), guard.abort)
+            handler.presence = self.presence.connected(principal.username, principal.role, request.client_id)
         await handler.start()  # the reader: from here on SUBSCRIBEs queue their SUBACK in the outbox
         return session, handler
 
@@ -685,6 +695,7 @@ class FishimBroker(Broker):
             state_of(session).offline_since = self._loop.time()
         reason = handler.guard.close_reason or ("disconnect" if handler.graceful else "connection_lost")
         log.info("disconnected %s", kv(client_id=session.client_id, reason=reason))
+        self.presence.disconnected(handler.presence)
 
     def _is_current(self, session: Session, handler: BrokerProtocolHandler) -> bool:
         return self._sessions.get(session.client_id or "", (None, None))[1] is handler
@@ -777,6 +788,11 @@ class FishimBroker(Broker):
             self.background(handler.send_raw(b"".join(packets)))
         if work.committed and self.ingest is not None:
             self.ingest.after_commit(work.committed)
+        for hook in self.after_commit:  # e.g. fishim.notify: queues the events for the alert rules
+            try:
+                hook(work.committed)
+            except Exception:
+                log.exception("after_commit_hook_failed")
 
     def _deliver(self, m: Inbound, result: Result) -> None:
         """Route one committed result: its events (stamped), the sender's error, or a sync reply."""
