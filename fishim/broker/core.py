@@ -299,7 +299,9 @@ class FishimBroker(Broker):
         self._per_host: dict[str, int] = {}  # open connections per client address
         self._host_refusals: dict[str, int] = {}  # connections refused per address, this episode
         self.presence = PresenceTracker(Topics(config.prefix), self._publish_presence)
-        self.after_commit: list[Callable[[list[Committed]], object]] = []  # called after each batch is routed
+        # called on the loop after each batch is routed: the ingest hooks' after_commit (webhooks),
+        # fishim.notify (the alert rules)
+        self.after_commit: list[Callable[[list[Committed]], object]] = []
 
     def _publish_presence(self, topic: str, payload: bytes) -> None:
         """fishim's own retained message: routed (receive-checked) and kept for later subscribers."""
@@ -786,8 +788,6 @@ class FishimBroker(Broker):
                 m.tag.settle(result, acks)
         for handler, packets in acks.items():
             self.background(handler.send_raw(b"".join(packets)))
-        if work.committed and self.ingest is not None:
-            self.ingest.after_commit(work.committed)
         for hook in self.after_commit:  # e.g. fishim.notify: queues the events for the alert rules
             try:
                 hook(work.committed)

@@ -79,16 +79,9 @@ class BrokerIngest:
         log.info("ingest_started db=%s synchronous=%s next_seq=%d", self.writer.store.path,
                  self.config.store.synchronous, self.writer.store.next_seq())
 
-    def after_commit(self, committed: list[Committed]) -> None:
-        """The hooks' ``after_commit`` (on the loop, after routing); a failing hook is logged, never fatal."""
-        for hook in self.hooks:
-            after = getattr(hook, "after_commit", None)
-            if after is None:
-                continue
-            try:
-                after(committed)
-            except Exception:
-                log.exception("after_commit hook failed hook=%s", type(hook).__name__)
+    def after_commit_hooks(self) -> list[Callable[[list[Committed]], object]]:
+        """The hooks' ``after_commit`` methods, for the broker to call after each routed batch."""
+        return [after for hook in self.hooks if (after := getattr(hook, "after_commit", None)) is not None]
 
     @property
     def accepting(self) -> bool:
