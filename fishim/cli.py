@@ -346,7 +346,8 @@ def orders_list(ctx: Ctx, state: str | None, rider: str | None, since: str | Non
                 late_after: str, limit: int, as_json: bool) -> None:
     """Orders, most recent activity first.
 
-    Columns: AGE is the time since the order was placed; UNREAD C/R counts the status changes and chat
+    Columns: ALERTS is how many open alerts the order has (`fishim alerts`); AGE is the time since the
+    order was placed; UNREAD C/R counts the status changes and chat
     messages the customer / the rider has not marked read yet (from their read receipts; '-' when the
     order has no rider yet); LAST is the newest event. Customer names that look like phone numbers
     are masked here (all but the last two digits); --json shows them unmasked.
@@ -386,12 +387,13 @@ def orders_list(ctx: Ctx, state: str | None, rider: str | None, since: str | Non
         if ev:
             last = (f"{fmt_age(now - ev['received_at'])} ago {ev['channel']}: "
                     f"{summarize(ev['channel'], ev['sender'], ev['payload'])}")
-        rows.append([o["id"], o["state"], mask(o["customer"] or "-"), o["rider"] or "-",
-                     fmt_age(o["age_s"] * 1000),
+        rows.append([o["id"], o["state"], f"!{o['alerts']}" if o["alerts"] else "-", mask(o["customer"] or "-"),
+                     o["rider"] or "-", fmt_age(o["age_s"] * 1000),
                      f"{_dash(unread.get('customer'))}/{_dash(unread.get('rider'))}", last])
         is_late = late_ms is not None and o["open"] and o["age_s"] * 1000 > late_ms
-        colours.append({1: _STATE_COLOURS.get(o["state"]), 4: "red" if is_late else None})
-    _table(["ID", "STATE", "CUSTOMER", "RIDER", "AGE", "UNREAD C/R", "LAST"], rows, colours)
+        colours.append({1: _STATE_COLOURS.get(o["state"]), 2: "red" if o["alerts"] else None,
+                        5: "red" if is_late else None})
+    _table(["ID", "STATE", "ALERTS", "CUSTOMER", "RIDER", "AGE", "UNREAD C/R", "LAST"], rows, colours)
     if data["truncated"]:
         click.echo(f"(showing the first {data['count']}; --limit 0 shows all)")
 
@@ -634,10 +636,101 @@ def stats(ctx: Ctx, as_json: bool) -> None:
         ("stored events", f"{data['stored_events']:,}  (last seq {data['max_seq']:,})"),
         ("orders", f"{data['orders']['total']:,}: {by_state}"),
         ("refused messages", f"{data['deadletters']:,}  (fishim deadletters)"),
+        ("open alerts", f"{data['alerts']['open']:,}  ({data['alerts']['pending']:,} pending, "
+                        f"{data['alerts']['push_failed']:,} failed pushes; fishim alerts)"),
         ("connected clients", clients),
         ("database", f"{data['db_path']}, {data['db_bytes'] / 1e6:.1f} MB"),
     ):
         click.echo(f"{label:<24} {value}")
+
+
+_PRIORITY_COLOURS = {"urgent": "red", "high": "yellow", "normal": None, "low": None}
+
+
+@main.group(invoke_without_command=True)
+@click.option("--open", "open_only", is_flag=True, help="Only open alerts.")
+@json_option
+@click.pass_context
+def alerts(click_ctx: click.Context, open_only: bool, as_json: bool) -> None:
+    """Alerts: conditions on orders someone must act on, most urgent first, then the oldest.
+
+    Open alerts come first, ranked by priority (urgent, high, normal, low) and then age; without
+    --open the ones that closed follow (why they closed: answered, rider_back, acknowledged, ...).
+    ESC is 'yes' once the alert went to the owner. Failed off-app pushes are listed at the end.
+    Customer names that look like phone numbers are masked here; --json shows them unmasked.
+
+    \b
+    Example:
+      fishim alerts --open
+      fishim alerts ack al-3f2a9c1b7d4e
+    """
+    if click_ctx.invoked_subcommand is not None:
+        return
+    from fishim.logs import mask
+    from fishim.views import alerts_list, fmt_age
+
+    ctx = click_ctx.find_object(Ctx)
+    now = now_ms()
+    with reading(ctx) as store:
+        data = alerts_list(store, now, open_only=open_only)
+    if as_json:
+        emit_json(data)
+        return
+    if not data["alerts"]:
+        click.echo("no open alerts" if open_only else "no alerts yet")
+    else:
+        rows, colours = [], []
+        for a in data["alerts"]:
+            state = a["state"] if a["state"] == "open" else f"closed ({a['close_reason']})"
+            rows.append([a["id"], a["priority"], a["reason"], a["order"] or "-", fmt_age(a["age_s"] * 1000),
+                         "yes" if a["escalated"] else "-", state,
+                         mask(a["text"]) + (f"  [push failed: {a['push_error']}]" if a["push_error"] else "")])
+            colours.append({1: _PRIORITY_COLOURS.get(a["priority"]), 6: "red" if a["state"] == "open" else None})
+        _table(["ID", "PRIORITY", "REASON", "ORDER", "AGE", "ESC", "STATE", "WHAT"], rows, colours)
+    if data["pending"]:
+        click.echo(f"({data['pending']} more conditions are being watched and not due yet)")
+    for f in data["push_failures"]:
+        click.echo(click.style(f"push failed: {f['id']} to {f['user']} after {f['attempts']} attempts: "
+                               f"{f['error']}", fg="red"))
+
+
+@alerts.command("ack")
+@click.argument("alert_id", metavar="ID")
+@click.option("--by", "by_user", default=None, help="Who acknowledges (shown in the alert; default $USER).")
+@pass_ctx
+def alerts_ack(ctx: Ctx, alert_id: str, by_user: str | None) -> None:
+    """Acknowledge an alert: it closes and is not escalated; the running service applies it within a tick.
+
+    \b
+    Example:
+      fishim alerts ack al-3f2a9c1b7d4e --by boss
+    """
+    from fishim.alerts import Alert
+    from fishim.store import Store, StoreError
+
+    path = ctx.config.store.path
+    if not path.exists():
+        fail(f"no store at {path}")
+    try:
+        store = Store(path)
+    except (StoreError, sqlite3.Error) as exc:
+        fail(f"cannot open store {path}: {exc}")
+    try:
+        raw = store.get_alert(alert_id)
+        if raw is None:
+            fail(f"no alert {alert_id!r} (fishim alerts lists them)")
+        alert = Alert.model_validate_json(raw)
+        if alert.state == "closed":
+            fail(f"alert {alert_id} is already closed ({alert.close_reason})")
+        by = by_user or os.environ.get("USER") or None
+        store.add_ack(alert_id, by)
+        now = now_ms()
+        closed = alert.model_copy(update={"state": "closed", "closed_at": now, "close_reason": "acknowledged",
+                                          "acked_by": by})
+        store.put_alerts([closed.record(now)])
+    finally:
+        store.close()
+    click.echo(f"acknowledged {alert_id}")
 
 
 @main.command()

@@ -19,7 +19,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 DEFAULT_CONFIG = Path("broker.yaml")
 NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
@@ -80,6 +89,21 @@ Duration = Annotated[float, BeforeValidator(parse_duration)]
 """Seconds; YAML may say ``20``, ``90s``, ``5m``, ``1h30m`` or ``250ms``."""
 DurationMs = Annotated[float, BeforeValidator(_duration_ms)]
 """Milliseconds (for keys named ``*_ms``); YAML may say ``2`` (ms) or ``2ms``, ``1s``."""
+
+
+def _span_ms(value: Any) -> Any:
+    """Text in any unit (``90s``, ``5m``, ``250ms``) or a number of seconds → whole milliseconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration like 90s or 5m")
+    seconds = parse_duration(value)
+    return round(seconds * 1000) if isinstance(seconds, int | float) else value
+
+
+SpanMs = Annotated[int, BeforeValidator(_span_ms), Field(ge=0),
+                   PlainSerializer(lambda ms: f"{ms}ms", return_type=str)]
+"""A duration whose key does not say ``_ms`` (``alerts:``): YAML says ``90s``, ``5m``, ``250ms`` or
+seconds; held as whole milliseconds and dumped as ``"<n>ms"``, so a dumped config reads back the same."""
+
 
 
 class _Strict(BaseModel):
@@ -157,12 +181,22 @@ class Limits(_Strict):
     sync_page_events: int = Field(default=200, gt=0, le=10_000)
     sync_page_bytes: ByteSize = Field(default=256 * 1024, gt=1024)
     login_failures_per_minute: int = Field(default=10, gt=0)
+    login_failures_per_address: int = Field(default=100, gt=0)
+    max_concurrent_logins: int = Field(default=8, gt=0)
+    max_connections_per_address: int = Field(default=256, ge=0)
+    max_filters_per_subscribe: int = Field(default=64, gt=0, le=10_000)
+    max_subscriptions: int = Field(default=256, gt=0)
+    max_queued_bytes: ByteSize = Field(default=16 * 1024 * 1024, gt=0)
+    publish_rate: float = Field(default=50.0, ge=0)
+    publish_burst: int = Field(default=200, gt=0)
 
 
 class BrokerSettings(_Strict):
     keepalive_grace: float = Field(default=1.5, ge=1.0, le=10.0)
     max_inflight: int = Field(default=100, gt=0)
     retry_interval: Duration = Field(default=20.0, gt=0)
+    session_expiry: Duration = Field(default=7 * 86_400.0, ge=0)
+    account_check_interval: Duration = Field(default=5.0, gt=0)
 
 
 class BridgeConfig(_Strict):
@@ -225,6 +259,47 @@ class LoggingConfig(_Strict):
     file: Path | None = None
 
 
+Priority = Literal["urgent", "high", "normal", "low"]
+_QUIET = r"^([01]\d|2[0-3]):[0-5]\d-([01]\d|2[0-3]):[0-5]\d$"
+
+
+class AlertsConfig(_Strict):
+    """``alerts:``: how long each condition may last before someone is told (fishim.alerts)."""
+
+    enabled: bool = True
+    mention_after: SpanMs = 10_000  # a mention read within this long needs no notification
+    status_after: SpanMs = 5_000  # status notices to customers wait this long (and coalesce)
+    unanswered_customer_after: SpanMs = 300_000
+    escalate_after: SpanMs = 600_000  # an alert open this long goes to the owner, once
+    unassigned_packed_after: SpanMs = 600_000
+    pickup_overdue_after: SpanMs = 900_000
+    rider_offline_after: SpanMs = 300_000
+    order_late_after: SpanMs = 0  # grace after an order's eta
+    delivery_failed_after: SpanMs = 0
+    push_delay: SpanMs = 120_000  # off-app push only if the notification is still unread by then
+    push_attempts: int = Field(default=5, ge=1, le=20)
+    push_backoff: SpanMs = 5_000  # first retry delay; doubles per attempt
+    tick: SpanMs = Field(default=1_000, gt=0)  # how often deadlines are checked
+    timezone: str | None = None  # IANA name for quiet hours; the machine's local time if unset
+    quiet_hours: dict[str, Annotated[str, Field(pattern=_QUIET)]] = Field(default_factory=dict)  # user: HH:MM-HH:MM
+
+
+class PushTarget(_Strict):
+    """One ``push:`` entry: an apprise URL and who it is for (by role or by user name)."""
+
+    url: str = Field(min_length=3)
+    roles: list[Literal["owner", "staff", "rider", "customer"]] | None = None
+    users: list[Annotated[str, Field(pattern=NAME_PATTERN)]] | None = None
+    min_priority: Priority = "high"
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        if "://" not in value:
+            raise ValueError("not an apprise URL (scheme://...)")
+        return value
+
+
 class Config(_Strict):
     """The whole of broker.yaml."""
 
@@ -238,6 +313,8 @@ class Config(_Strict):
     http: HttpSettings = HttpSettings()
     media: MediaConfig = MediaConfig()
     webhooks: list[WebhookConfig] = Field(default_factory=list)
+    alerts: AlertsConfig = AlertsConfig()
+    push: list[PushTarget] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _one_mqtt_listener(self) -> Config:

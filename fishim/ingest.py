@@ -33,14 +33,17 @@ from fishim.messages import (
     ErrorCode,
     ErrorMessage,
     Message,
+    Notification,
     Receipt,
     Rejected,
     Status,
     decode,
+    decode_notification,
     near_misses,
     peek_identity,
 )
 from fishim.store import DeadLetter, EventRow, OrderRow, Store, StoreFenced, now_ms
+from fishim.sync import notify_log
 from fishim.topics import ORDER_CHANNELS, Channel, TopicError, TopicRef, Topics, is_name, matches
 
 log = logging.getLogger("fishim.ingest")
@@ -135,7 +138,12 @@ class Verdict(BaseModel):
 
 
 class IngestHook(Protocol):
-    """Extra rows written in the same transaction as the events (webhook outbox, alert state)."""
+    """Extra rows written in the same transaction as the events (webhook outbox, alert state).
+
+    ``in_transaction`` runs on the writer thread inside the transaction. If the hook also has
+    ``after_commit(committed)``, the embedded broker calls it on its loop once the batch is
+    committed and routed (the bridge calls it on its writer thread after COMMIT).
+    """
 
     def in_transaction(self, store: Store, committed: Sequence[Committed]) -> None: ...
 
@@ -266,6 +274,7 @@ class Writer:
         self._refs: dict[str, TopicRef] = {}  # parsed topics: the same few repeat all day
         self._next_seq = store.next_seq()
         self._subscribed = (self.topics.all_orders, self.topics.all_sync_requests)
+        self._notify_seq: dict[str, int] = {}  # recipient -> last order_seq of its notification log
 
     # -- the batch ------------------------------------------------------------------------------
 
@@ -330,6 +339,7 @@ class Writer:
     def forget(self) -> None:
         """After a rollback, cached projections may be ahead of SQLite: reload them on demand."""
         self._orders.clear()
+        self._notify_seq.clear()
         self.directory.receipts.clear()
         self.directory.work = None
         self._next_seq = 0  # re-read from SQLite by the next commit
@@ -356,6 +366,8 @@ class Writer:
             self._refs[m.topic] = ref
         if m.refusal is not None:
             return _Bad(ref, m.refusal)
+        if ref.channel is Channel.NOTIFY:
+            return self._decode_notification(m, ref)
         if ref.channel not in ORDER_CHANNELS:
             return _Decoded(ref, None)  # a sync request (fishim.sync validates it) or something else
         try:
@@ -385,6 +397,8 @@ class Writer:
                 f"envelope sender {msg.sender!r} is not the logged-in user {m.user!r}")), work, msg.id)
         if msg.id in work.known or msg.id in work.ids:
             return Result(Kind.DUPLICATE, ref, msg.id)
+        if isinstance(msg, Notification):
+            return self._notification(ref, m.topic, msg, d.text, work)
         order = self._order(ref.order or "", work)
         try:
             outcome = orders.apply(order, ref, msg, work.next_seq, work.now, self.directory, self.service_user,
@@ -401,6 +415,37 @@ class Writer:
                 result.events.append(done)
         return result
 
+    # -- notifications (fishim.alerts) ------------------------------------------------------------
+    # Stored in the event log so they take the store-wide ``seq`` and reach the recipient's sync:
+    # each recipient has its own log under the order key ``@{user}`` ('@' is never in an order id),
+    # whose ``order_seq`` counts that user's notifications. Only the service account writes them.
+
+    def _decode_notification(self, m: Inbound, ref: TopicRef) -> _Decoded | _Bad:
+        if m.user is not None:  # a logged-in client: the broker's ACL already refuses this
+            return _Bad(ref, Rejected(ErrorCode.FORBIDDEN, "only fishim publishes notifications"))
+        try:
+            note = decode_notification(m.payload, self.config.limits.max_payload)
+        except Rejected as exc:
+            return _Bad(ref, exc)
+        return _Decoded(ref, note, m.payload.decode("utf-8"))  # type: ignore[arg-type]
+
+    def _notification(self, ref: TopicRef, topic: str, note: Notification, text: str, work: Work) -> Result:
+        key = notify_log(ref.user or "")
+        last = self._notify_seq.get(key)
+        if last is None:
+            last = self.store.last_order_seq(key)
+        seq, order_seq = work.next_seq, last + 1
+        work.next_seq += 1
+        self._notify_seq[key] = order_seq
+        work.ids[note.id] = key
+        stamped = stamp(text, note, seq, order_seq)  # type: ignore[arg-type]
+        work.events.append(EventRow(seq, note.id, key, order_seq, ref.channel.value, topic, note.sender, note.ts,
+                                    work.now, 0, stamped))
+        log_row = OrderRow(id=key, state="notify", created_at=work.now, updated_at=work.now, last_seq=seq,
+                           order_seq=order_seq)  # stands in for an order: never written, never handed to hooks
+        result = Result(Kind.STORED, ref, note.id)
+        result.events.append(Committed(topic, ref, note, stamped.encode(), seq, order_seq, log_row))  # type: ignore[arg-type]
+        return result
     @staticmethod
     def _warn(m: Inbound, msg: Message, result: Result, now: int) -> None:
         """Stored, but a field looks misspelt: tell the sender (``unknown_field``), one message for all."""

@@ -197,6 +197,39 @@ class SyncPage(BaseModel):
     more: bool = False  # the reply stopped at the server's per-request bound: ask again from next_since
 
 
+Priority = Literal["urgent", "high", "normal", "low"]
+PRIORITY_RANK: dict[str, int] = {"urgent": 3, "high": 2, "normal": 1, "low": 0}
+
+
+class Notification(BaseModel):
+    """One message on ``{prefix}/notify/{user}``: something that person should know or act on.
+
+    ``alert`` names the open alert it belongs to (``fishim alerts ack ID``), null for plain notices
+    such as a status change sent to a customer.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    id: MessageId
+    ts: int
+    sender: Name
+    priority: Priority
+    reason: Annotated[str, StringConstraints(pattern=r"^[a-z_]{1,32}$")]
+    order: Name | None = None
+    text: Annotated[str, StringConstraints(max_length=2000)]
+    alert: MessageId | None = None
+
+
+class PresenceMessage(BaseModel):
+    """The retained value of ``{prefix}/presence/{user}``."""
+
+    user: Name
+    state: Literal["online", "offline"]
+    devices: NonNegativeInt
+    since: int  # epoch ms of the last change of ``state``
+    last_seen: int  # epoch ms the user was last connected (now, while online)
+
+
 class ErrorMessage(BaseModel):
     """What a sender reads on ``fishim/errors/{user}``."""
 
@@ -264,6 +297,16 @@ def decode(ref: TopicRef, payload: bytes, max_payload: int) -> Message:
             ErrorCode.SENDER_MISMATCH, f"envelope sender {message.sender!r} does not match topic leaf {ref.leaf!r}"
         )
     return message
+
+
+def decode_notification(payload: bytes, max_payload: int) -> Notification:
+    """Validate a ``notify`` payload (fishim's own); :class:`Rejected` with the usual codes if bad."""
+    if len(payload) > max_payload:
+        raise Rejected(ErrorCode.TOO_LARGE, f"payload is {len(payload)} bytes, limit {max_payload}")
+    try:
+        return Notification.model_validate_json(payload)
+    except ValidationError as exc:
+        raise _json_error(exc) or schema_error(exc) from None
 
 
 def peek_identity(payload: bytes) -> tuple[str | None, str | None]:

@@ -191,6 +191,7 @@ async def _serve(config: Config, *, with_bridge: bool) -> int:
                  " ".join(f"{lst.type}://{lst.bind}" for lst in config.listeners), config.store.path,
                  int(ingest is not None))
         status = asyncio.create_task(_write_status(config, broker, mode, started_at))
+        alerts = _start_alerts(config, broker) if ingest is not None and config.alerts.enabled else None
         try:
             await stop.wait()
             log.info("shutting down")
@@ -198,6 +199,8 @@ async def _serve(config: Config, *, with_bridge: bool) -> int:
             status.cancel()
             if http is not None:
                 await http.stop()
+            if alerts is not None:  # before the broker: its last notifications go through the ingest
+                await loop.run_in_executor(None, alerts.close)
             await broker.stop()
             _remove_status(config.store.path)
     finally:
@@ -207,6 +210,13 @@ async def _serve(config: Config, *, with_bridge: bool) -> int:
         acl.close()
     log.info("stopped")
     return 0
+
+
+def _start_alerts(config: Config, broker: EmbeddedBroker) -> Any:
+    """The alert rules and off-app push (fishim.notify), fed by the broker's commits and presence."""
+    from fishim.notify import attach
+
+    return attach(config, broker)
 
 
 def _remove_status(db: Path) -> None:

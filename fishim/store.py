@@ -7,9 +7,11 @@ versioned by ``PRAGMA user_version``, never by hand.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -25,7 +27,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fishim.store")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
+
+FILE_MODE = 0o600
+"""The store and its -wal/-shm files hold customers' names, phones and addresses: owner only."""
+DEADLETTER_PAYLOAD_BYTES = 4096
+"""Bytes of a refused payload kept in its dead letter: enough to see what it was, not a disk filler."""
+DEADLETTER_DETAIL_CHARS = 1000
+MAX_DEADLETTERS = 10_000
+"""Dead letters kept; the oldest go first (a flood of bad input cannot fill the disk)."""
 
 _SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS events (
@@ -144,7 +154,42 @@ CREATE INDEX IF NOT EXISTS webhook_outbox_due ON webhook_outbox(state, next_at);
 CREATE UNIQUE INDEX IF NOT EXISTS webhook_outbox_key ON webhook_outbox(url, key);
 """
 
-MIGRATIONS: dict[int, str] = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3}
+# v4 (additive): alerts and their waiting deliveries (fishim.alerts, fishim.notify), so deadlines
+# survive a restart; acknowledgements the CLI records for the running service to apply.
+_SCHEMA_ALERTS = """
+CREATE TABLE IF NOT EXISTS alerts (
+    id TEXT PRIMARY KEY,
+    order_id TEXT,
+    reason TEXT NOT NULL,
+    priority TEXT NOT NULL,
+    state TEXT NOT NULL,
+    due_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL,
+    data TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS alerts_state ON alerts(state, order_id);
+CREATE TABLE IF NOT EXISTS notify_outbox (
+    id TEXT PRIMARY KEY,
+    user TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    due_at INTEGER NOT NULL,
+    state TEXT NOT NULL DEFAULT 'waiting',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT,
+    updated_at INTEGER NOT NULL,
+    data TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS notify_outbox_state ON notify_outbox(state, due_at);
+CREATE TABLE IF NOT EXISTS alert_acks (
+    alert_id TEXT PRIMARY KEY,
+    by_user TEXT,
+    at INTEGER NOT NULL,
+    applied INTEGER NOT NULL DEFAULT 0
+);
+"""
+
+MIGRATIONS: dict[int, str] = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3, 4: _SCHEMA_ALERTS}
+
 
 
 def now_ms() -> int:
@@ -232,6 +277,19 @@ class RetainedRow(BaseModel):
     updated_at: int
 
 
+class AlertRecord(NamedTuple):
+    """One ``alerts`` row: indexed columns plus the whole alert as JSON (``fishim.alerts.Alert``)."""
+
+    id: str
+    order_id: str | None
+    reason: str
+    priority: str
+    state: str
+    due_at: int
+    updated_at: int
+    data: str
+
+
 class EventRow(NamedTuple):
     """One ``events`` row as the bridge writes it in bulk: a plain tuple, no validation cost."""
 
@@ -312,6 +370,7 @@ class Store:
     # Errors worth retrying a commit on (busy, disk full), and every error the database can raise.
     transient_errors: tuple[type[Exception], ...] = (sqlite3.OperationalError,)
     errors: tuple[type[Exception], ...] = (sqlite3.Error,)
+    max_deadletters = MAX_DEADLETTERS
 
     def __init__(self, path: Path | str, *, readonly: bool = False) -> None:
         self.path = Path(path)
@@ -321,6 +380,7 @@ class Store:
         self.conn = self._connect()
         if not readonly:
             self.migrate()
+            self._restrict_files()
 
     @property
     def db(self) -> sqlite_utils.Database:
@@ -338,11 +398,21 @@ class Store:
                                    isolation_level=None)
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            # created 0600 before SQLite opens it; SQLite gives -wal and -shm the same mode
+            with contextlib.suppress(FileExistsError):
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE))
             conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA busy_timeout=5000")
         return conn
+
+    def _restrict_files(self) -> None:
+        """Make the file and its -wal/-shm owner-only, also when an older version made them 0644
+        (a file someone else owns is left as it is: chmod is not ours to do there)."""
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError, PermissionError):
+                os.chmod(f"{self.path}{suffix}", FILE_MODE)
 
     def close(self) -> None:
         self.conn.close()
@@ -457,6 +527,12 @@ class Store:
             f"SELECT {_EVENT_COLS} FROM events WHERE order_id=? ORDER BY order_seq", (order_id,)
         ).fetchall()
         return [_event(r) for r in rows]
+
+    def last_order_seq(self, order_id: str) -> int:
+        """The highest ``order_seq`` stored under ``order_id`` (0: none); one index lookup."""
+        row = self.conn.execute("SELECT coalesce(max(order_seq), 0) FROM events WHERE order_id=?",
+                                (order_id,)).fetchone()
+        return int(row[0])
 
     def max_seq(self) -> int:
         return int(self.conn.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0])
@@ -612,13 +688,24 @@ class Store:
     # -- dead letters -------------------------------------------------------------------------
 
     def add_deadletter(self, letter: DeadLetter) -> None:
-        """Inside the caller's transaction (or autocommit when there is none)."""
-        self.conn.execute(
+        """Inside the caller's transaction (or autocommit when there is none).
+
+        Bounded, because refused input is the attacker's to choose: the payload keeps its first
+        ``DEADLETTER_PAYLOAD_BYTES`` (the detail says how long it was), id and detail are cut, and
+        past ``max_deadletters`` rows the oldest are deleted (one range delete on the primary key).
+        """
+        payload, detail = letter.payload, letter.detail[:DEADLETTER_DETAIL_CHARS]
+        if payload is not None and len(payload) > DEADLETTER_PAYLOAD_BYTES:
+            detail = f"{detail} (payload cut to its first {DEADLETTER_PAYLOAD_BYTES} of {len(payload)} bytes)"
+            payload = payload[:DEADLETTER_PAYLOAD_BYTES]
+        msg_id = letter.msg_id[:200] if letter.msg_id is not None else None
+        cur = self.conn.execute(
             "INSERT INTO deadletters (received_at, topic, user, msg_id, error, detail, payload)"
             " VALUES (?,?,?,?,?,?,?)",
-            (letter.received_at, letter.topic, letter.user, letter.msg_id, letter.error, letter.detail,
-             letter.payload),
+            (letter.received_at, letter.topic[:1024], letter.user, msg_id, letter.error, detail, payload),
         )
+        if cur.lastrowid is not None and cur.lastrowid > self.max_deadletters:
+            self.conn.execute("DELETE FROM deadletters WHERE id <= ?", (cur.lastrowid - self.max_deadletters,))
 
     def deadletters(self, since: int | None = None, limit: int = 1000) -> list[DeadLetter]:
         rows = self.conn.execute(
@@ -629,6 +716,92 @@ class Store:
         return [DeadLetter(id=i, received_at=r, topic=t, user=u, msg_id=m, error=e, detail=d,
                            payload=bytes(p) if p is not None else None) for i, r, t, u, m, e, d, p in rows]
 
+
+    # -- alerts (fishim.notify writes them with its own connection; the CLI reads them) ---------
+
+    def put_alerts(self, rows: Iterable[AlertRecord]) -> None:
+        """Insert or replace alert rows (``data`` is the alert as JSON), in one transaction."""
+        rows = list(rows)
+        if rows:
+            with self.transaction():
+                _insert_rows(self.conn, "INSERT OR REPLACE INTO alerts (id, order_id, reason, priority, state,"
+                             " due_at, updated_at, data)", rows)
+
+    def delete_alerts(self, ids: Iterable[str]) -> None:
+        """Forget alerts that never opened (a condition that ended in time is nobody's business)."""
+        ids = list(ids)
+        if ids:
+            with self.transaction():
+                self.conn.executemany("DELETE FROM alerts WHERE id=?", [(i,) for i in ids])
+
+    def alerts(self, live_only: bool = False, limit: int = 1000) -> list[str]:
+        """Alert JSON, newest first; ``live_only``: pending and open ones only."""
+        where = "WHERE state != 'closed'" if live_only else ""
+        rows = self.conn.execute(f"SELECT data FROM alerts {where} ORDER BY updated_at DESC LIMIT ?", (limit,))
+        return [r[0] for r in rows]
+
+    def get_alert(self, alert_id: str) -> str | None:
+        row = self.conn.execute("SELECT data FROM alerts WHERE id=?", (alert_id,)).fetchone()
+        return row[0] if row else None
+
+    def open_alert_counts(self) -> dict[str, int]:
+        """Open alerts (not pending, not closed) per order id; ``""`` for alerts on no order."""
+        rows = self.conn.execute("SELECT coalesce(order_id, ''), count(*) FROM alerts WHERE state='open'"
+                                 " GROUP BY order_id")
+        return {o: int(n) for o, n in rows}
+
+    def alert_counts(self) -> dict[str, int]:
+        return dict(self.conn.execute("SELECT state, count(*) FROM alerts GROUP BY state").fetchall())
+
+    def add_ack(self, alert_id: str, by_user: str | None) -> None:
+        """An acknowledgement from the CLI; the alert row is closed at once, the service applies it too."""
+        with self.transaction():
+            self.conn.execute("INSERT OR IGNORE INTO alert_acks (alert_id, by_user, at) VALUES (?,?,?)",
+                              (alert_id, by_user, now_ms()))
+
+    def pending_acks(self) -> list[tuple[str, str | None]]:
+        return [(a, b) for a, b in self.conn.execute("SELECT alert_id, by_user FROM alert_acks WHERE applied=0")]
+
+    def mark_acks_applied(self, alert_ids: Iterable[str]) -> None:
+        ids = list(alert_ids)
+        if ids:
+            with self.transaction():
+                self.conn.executemany("UPDATE alert_acks SET applied=1 WHERE alert_id=?", [(i,) for i in ids])
+
+    def put_outbox(self, rows: Iterable[tuple[str, str, str, int, str]], drop: Iterable[str] = ()) -> None:
+        """Waiting deliveries ``(id, user, kind, due_at, data)`` in, and ``drop`` ids out, in one transaction."""
+        rows, drop = list(rows), list(drop)
+        if not rows and not drop:
+            return
+        now = now_ms()
+        with self.transaction():
+            if rows:
+                _insert_rows(self.conn, "INSERT OR REPLACE INTO notify_outbox (id, user, kind, due_at, updated_at,"
+                             " data)", [(i, u, k, d, now, data) for i, u, k, d, data in rows])
+            self.conn.executemany("DELETE FROM notify_outbox WHERE id=? AND state='waiting'", [(i,) for i in drop])
+
+    def outbox(self, state: str = "waiting") -> list[str]:
+        return [r[0] for r in self.conn.execute("SELECT data FROM notify_outbox WHERE state=? ORDER BY due_at",
+                                                (state,))]
+
+    def outbox_result(self, item_id: str, state: str, attempts: int, error: str | None) -> None:
+        """A push's fate: ``waiting`` (retry later), ``sent`` or ``failed``."""
+        with self.transaction():
+            self.conn.execute("UPDATE notify_outbox SET state=?, attempts=?, last_error=?, updated_at=? WHERE id=?",
+                              (state, attempts, error, now_ms(), item_id))
+
+    def failed_pushes(self, limit: int = 100) -> list[tuple[str, str, int, str | None, int]]:
+        """(id, user, attempts, last_error, updated_at) of pushes given up on, newest first."""
+        rows = self.conn.execute("SELECT id, user, attempts, last_error, updated_at FROM notify_outbox"
+                                 " WHERE state='failed' ORDER BY updated_at DESC LIMIT ?", (limit,))
+        return [(i, u, a, e, t) for i, u, a, e, t in rows]
+
+    def open_order_between(self, customer: str, rider: str) -> bool:
+        """Is there an open order whose customer and rider are these two (presence visibility)?"""
+        row = self.conn.execute(
+            "SELECT 1 FROM orders WHERE customer=? AND rider=? AND state NOT IN ('delivered','cancelled') LIMIT 1",
+            (customer, rider)).fetchone()
+        return row is not None
 
     # -- owner views (read-only queries behind the CLI) ----------------------------------------
 

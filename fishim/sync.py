@@ -36,7 +36,6 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from fishim.config import Config
-from fishim.http.tokens import order_of_tracking_user
 from fishim.messages import (
     ErrorCode,
     ErrorMessage,
@@ -47,7 +46,7 @@ from fishim.messages import (
     schema_error,
 )
 from fishim.store import DeviceRow, Store, StoreTarget, is_postgres_url, now_ms, open_store
-from fishim.topics import Channel, TopicRef, Topics
+from fishim.topics import Channel, TopicRef, Topics, order_of_tracking_user
 
 __all__ = ["COLLAPSIBLE", "SyncServer"]
 
@@ -169,7 +168,7 @@ class SyncServer:
                 raise Rejected(ErrorCode.CURSOR_AHEAD,
                                f"cursor {request.since} is ahead of this store (was it reset?): sync from 0")
             orders = self._readable_orders(conn, ref.user or "", request.orders)
-            rows = self._scan(conn, request.since, end, orders)
+            rows = self._scan(conn, request.since, end, orders, ref.user or "")
         finally:
             conn.execute("COMMIT")
         more = len(rows) > self.max_events
@@ -202,15 +201,17 @@ class SyncServer:
             allowed = _column_orders(conn, "rider", user) | _column_orders(conn, "customer", user)
         else:  # scanners (and any role fishim does not know) read no order
             allowed = set()
-        if narrowed is None:
-            return None if allowed is None else sorted(allowed)
+        if narrowed is None:  # the whole replay includes the user's own notifications (their own log)
+            return None if allowed is None else sorted(allowed | {notify_log(user)})
         return sorted(set(narrowed) if allowed is None else allowed.intersection(narrowed))
 
-    def _scan(self, conn: sqlite3.Connection, since: int, end: int, orders: list[str] | None) -> list[Row]:
+    def _scan(self, conn: sqlite3.Connection, since: int, end: int, orders: list[str] | None,
+              user: str) -> list[Row]:
         limit = self.max_events + 1
-        if orders is None:
-            sql = f"SELECT {_EVENT_COLUMNS} FROM events WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?"
-            return conn.execute(sql, (since, end, limit)).fetchall()
+        if orders is None:  # every order, but of the notifications only the user's own
+            sql = (f"SELECT {_EVENT_COLUMNS} FROM events WHERE seq > ? AND seq <= ?"
+                   " AND (channel != 'notify' OR order_id = ?) ORDER BY seq LIMIT ?")
+            return conn.execute(sql, (since, end, notify_log(user), limit)).fetchall()
         if not orders:
             return []
         # "+order_id" keeps SQLite off the order index so it walks the seq range instead.
@@ -310,6 +311,11 @@ def _collapse_locations(rows: list[Row]) -> list[Row]:
         return rows
     keep = set(latest.values())
     return [row for row in rows if row[3] != "location" or row[0] in keep]
+
+
+def notify_log(user: str) -> str:
+    """The order key under which the event log keeps ``user``'s notifications (fishim.ingest)."""
+    return f"@{user}"
 
 
 def _column_orders(conn: sqlite3.Connection, column: str, user: str) -> set[str]:

@@ -23,6 +23,8 @@ class Channel(StrEnum):
     SYNC_EVENTS = "sync_events"
     ERRORS = "errors"
     SYSTEM = "system"
+    PRESENCE = "presence"
+    NOTIFY = "notify"
 
 
 ORDER_CHANNELS = frozenset({Channel.STATUS, Channel.CHAT, Channel.LOCATION, Channel.PICKS, Channel.RECEIPTS})
@@ -54,6 +56,21 @@ def is_name(value: str) -> bool:
     return bool(NAME_RE.match(value))
 
 
+TRACKING_PREFIX = "t-"  # a tracking link logs in as user ``t-{order}``, the customer of that order alone
+
+
+def tracking_user(order: str) -> str:
+    return f"{TRACKING_PREFIX}{order}"
+
+
+def order_of_tracking_user(username: str | None) -> str | None:
+    """``t-o-17`` -> ``o-17``; None for any other name."""
+    if not username or not username.startswith(TRACKING_PREFIX):
+        return None
+    order = username[len(TRACKING_PREFIX):]
+    return order if is_name(order) else None
+
+
 def parse(topic: str, prefix: str = "fishim") -> TopicRef:
     """Parse ``topic``; raise :class:`TopicError` for anything outside the tree."""
     head = prefix + "/"
@@ -71,6 +88,8 @@ def parse(topic: str, prefix: str = "fishim") -> TopicRef:
             ref = TopicRef(channel=Channel.SYNC_EVENTS, user=user, client_id=client_id)
         case ["errors", user]:
             ref = TopicRef(channel=Channel.ERRORS, user=user)
+        case ["presence" | "notify" as ch, user]:
+            ref = TopicRef(channel=Channel(ch), user=user)
         case ["system", *rest] if rest and all(rest):
             return TopicRef(channel=Channel.SYSTEM)
         case _:
@@ -122,6 +141,14 @@ class Topics:
 
     def errors(self, user: str) -> str:
         return f"{self.prefix}/errors/{user}"
+
+    def presence(self, user: str) -> str:
+        """Retained, published by fishim only: is ``user`` online (fishim.presence)."""
+        return f"{self.prefix}/presence/{user}"
+
+    def notify(self, user: str) -> str:
+        """``user``'s notifications, published by fishim only (fishim.alerts)."""
+        return f"{self.prefix}/notify/{user}"
 
     @property
     def all_orders(self) -> str:

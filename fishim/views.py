@@ -106,6 +106,8 @@ def summarize(channel: str, sender: str, payload: dict[str, Any]) -> str:
         return text + (f" bin {payload['bin']}" if payload.get("bin") else "")
     if channel == "receipts":
         return f"{sender} read up to order #{payload.get('read_up_to')}"
+    if channel == "notify":
+        return f"[{payload.get('priority')}] {payload.get('reason')}: {payload.get('text', '')}"
     return json.dumps(payload)[:80]
 
 
@@ -130,14 +132,16 @@ def orders_list(store: Store, *, now: int, state: str | None = None, rider: str 
                                 open_created_before=None if late_after is None else now - late_after,
                                 limit=None if limit is None else limit + 1)
     truncated = limit is not None and len(rows) > limit
+    open_alerts = store.open_alert_counts() if has_alerts(store) else {}
     return {"now": now, "count": min(len(rows), limit) if limit is not None else len(rows),
             "truncated": truncated,
-            "orders": [_overview(row, now) for row in rows[:limit]]}
+            "orders": [_overview(row, now, open_alerts) for row in rows[:limit]]}
 
 
-def _overview(row: OrderOverview, now: int) -> dict[str, Any]:
+def _overview(row: OrderOverview, now: int, alerts: dict[str, int] | None = None) -> dict[str, Any]:
     order = row.order
-    return {"id": order.id, "state": order.state, "customer": order.customer, "rider": order.rider,
+    return {"alerts": (alerts or {}).get(order.id, 0),
+            "id": order.id, "state": order.state, "customer": order.customer, "rider": order.rider,
             "created_at": order.created_at, "updated_at": order.updated_at,
             "age_s": max(now - order.created_at, 0) // 1000, "open": order.state not in OPEN_EXCLUDED,
             "order_seq": order.order_seq, "unread": row.unread,
@@ -203,11 +207,49 @@ def stats(store: Store, now: int, broker: dict[str, Any] | None) -> dict[str, An
         "max_seq": store.max_seq(),
         "orders": {"total": sum(by_state.values()), "by_state": dict(sorted(by_state.items()))},
         "deadletters": store.count_deadletters(),
+        "alerts": alert_stats(store),
         "clients_connected": broker.get("clients_connected") if broker else None,
         "broker": broker,
         "db_path": store.label,
         "db_bytes": store.file_bytes(),
     }
+
+
+def has_alerts(store: Store) -> bool:
+    """A store the running service has not migrated yet has no alert tables: nothing to show."""
+    return store.conn.execute("SELECT 1 FROM sqlite_master WHERE name='alerts'").fetchone() is not None
+
+
+def alert_stats(store: Store) -> dict[str, int]:
+    """Open alerts (someone must act), pending conditions (not yet due), pushes given up on."""
+    if not has_alerts(store):
+        return {"open": 0, "pending": 0, "push_failed": 0}
+    counts = store.alert_counts()
+    return {"open": counts.get("open", 0), "pending": counts.get("pending", 0),
+            "push_failed": len(store.failed_pushes(limit=1_000_000))}
+
+
+def alerts_list(store: Store, now: int, open_only: bool = False, limit: int = 200) -> dict[str, Any]:
+    """``fishim alerts``: open alerts ranked by priority then age, then (without ``--open``) the ones
+    that closed, newest first. Conditions still pending (not yet due) are counted, not listed."""
+    from fishim.alerts import Alert, rank
+
+    if not has_alerts(store):
+        return {"now": now, "alerts": [], "pending": 0, "push_failures": []}
+    alerts = [Alert.model_validate_json(raw) for raw in store.alerts(live_only=open_only, limit=100_000)]
+    opened = rank(a for a in alerts if a.state == "open")
+    closed = [] if open_only else sorted((a for a in alerts if a.state == "closed" and a.opened_at),
+                                         key=lambda a: -(a.closed_at or 0))
+    failures = [{"id": i, "user": u, "attempts": n, "error": e, "at": t} for i, u, n, e, t in store.failed_pushes()]
+    return {"now": now, "pending": sum(1 for a in alerts if a.state == "pending"),
+            "alerts": [_alert(a, now) for a in [*opened, *closed][:limit]], "push_failures": failures}
+
+
+def _alert(alert: Any, now: int) -> dict[str, Any]:
+    data = alert.model_dump(exclude={"due_at", "actor", "about_seq"})
+    data["age_s"] = max(now - (alert.opened_at or alert.started_at), 0) // 1000
+    data["escalated"] = alert.escalated_at is not None
+    return data
 
 
 def devices_view(store: Store, user: str | None) -> dict[str, Any]:

@@ -87,6 +87,10 @@ PUBLISH: dict[str, str] = {
     "errors/c2": SERVICE,
     "system/membership": SERVICE,
     "system/other": SERVICE,
+    "presence/{me}": SERVICE,  # presence and notifications are fishim's to publish, nobody else's
+    "presence/r2": SERVICE,
+    "notify/{me}": SERVICE,
+    "notify/c2": SERVICE,
 }
 
 RECEIVE: dict[str, str] = {
@@ -113,6 +117,15 @@ RECEIVE: dict[str, str] = {
     "errors/scan1": "boss scan1",
     "errors/c2": "boss",
     "system/other": "boss",
+    "presence/r1": "boss clerk c1",  # c1's rider on its open orders A1, A3
+    "presence/c1": "boss clerk r1",  # r1's customer on A1, A3
+    "presence/r2": "boss clerk",
+    "presence/c2": "boss clerk",
+    "presence/scan1": "boss clerk",
+    "notify/c1": "boss c1",
+    "notify/r1": "boss r1",
+    "notify/clerk": "boss clerk",
+    "notify/c2": "boss",
 }
 RETAINED = tuple(t for t in RECEIVE if t.split("/")[-1] in ("status", "location")
                  or t.split("/")[-2:-1] == ["receipts"])
@@ -134,6 +147,10 @@ SUBSCRIBE: dict[str, str] = {
     "fishim/errors/+": "boss clerk r1 c1 scan1",
     "fishim/errors/c2": "boss",
     "fishim/system/#": "boss",
+    "fishim/presence/+": "boss clerk r1 c1",  # each presence delivery is then checked on its own
+    "fishim/presence/r2": "boss clerk r1 c1",
+    "fishim/notify/{me}": "boss clerk r1 c1 scan1",
+    "fishim/notify/c2": "boss",
     "$SYS/#": "",
     "other/#": "",
 }
@@ -163,6 +180,8 @@ class Recorder:
             tag = str(json.loads(msg.payload).get("id", msg.topic))
         except (ValueError, AttributeError):  # not a JSON object: not one of the table's messages
             tag = msg.topic
+        if "/presence/" in msg.topic and tag == msg.topic:
+            return  # the broker's own presence of the table's clients coming and going, not a row
         if tag == self.sentinel:
             self.done.set()
         elif not tag.startswith("end:"):  # other clients' sentinels, e.g. to an owner reading all

@@ -76,11 +76,11 @@ def test_orders_list_table_masks_phone_customers(shop: Path) -> None:
     result = run(shop, "orders", "list")
     assert result.exit_code == 0
     lines = result.output.splitlines()
-    assert lines[0].split() == ["ID", "STATE", "CUSTOMER", "RIDER", "AGE", "UNREAD", "C/R", "LAST"]
+    assert lines[0].split() == ["ID", "STATE", "ALERTS", "CUSTOMER", "RIDER", "AGE", "UNREAD", "C/R", "LAST"]
     assert [line.split()[0] for line in lines[1:]] == ["A104", "A103", "A102", "A101", "A100"]
     assert "13812345678" not in result.output and "*********78" in result.output
     row = next(line for line in lines if line.startswith("A101"))
-    assert row.split()[1:4] == ["delivering", "*********78", "rider8"]
+    assert row.split()[1:5] == ["delivering", "-", "*********78", "rider8"]  # no open alerts
 
 
 def test_orders_list_json_shape(shop: Path) -> None:
@@ -89,7 +89,8 @@ def test_orders_list_json_shape(shop: Path) -> None:
     assert data["count"] == 5 and not data["truncated"]
     a101 = next(o for o in data["orders"] if o["id"] == "A101")
     assert set(a101) == {"id", "state", "customer", "rider", "created_at", "updated_at", "age_s", "open",
-                         "order_seq", "unread", "last_event"}
+                         "order_seq", "unread", "last_event", "alerts"}
+    assert a101["alerts"] == 0
     assert a101["customer"] == "13812345678"  # JSON is for the owner's scripts: unmasked
     assert a101["open"] and 2 * 3600 - 5 <= a101["age_s"] <= 2 * 3600 + 60
     # the customer read up to the 'assigned' status (#8); since then: picked_up, delivering, rider's chat

@@ -58,7 +58,8 @@ def test_generated_files(shop: tuple[Path, dict[str, str], Path]) -> None:
     acl = (etc / "acl").read_text()
     assert "pattern" not in acl and "%u" not in acl  # a pattern would reach every shop on a shared broker
     assert ("# rider\nuser r1\ntopic write fishim/sync/r1/+/request\ntopic read fishim/sync/r1/+/events\n"
-            "topic read fishim/errors/r1\ntopic read fishim/orders/A1/#\ntopic write fishim/orders/A1/chat/r1\n") in acl
+            "topic read fishim/errors/r1\ntopic read fishim/notify/r1\ntopic read fishim/orders/A1/#\n"
+            "topic write fishim/orders/A1/chat/r1\n") in acl
     assert "fishim/orders/A2" not in acl.split("user r1\n")[1].split("\nuser ")[0]
     assert "topic" not in acl.split("\nuser ")[0]  # nothing for anonymous clients
     assert (etc / "passwd").stat().st_mode & 0o777 == 0o600
@@ -95,7 +96,7 @@ def test_access_table_on_mosquitto(mosquitto: Mosquitto, shop: tuple[Path, dict[
     """Publish and (retained and live) delivery rows of the embedded broker's table, 0 leaks."""
     result = run_table(mosquitto.port, shop[1], suback_enforced=False)
     assert result.wrong == []
-    assert result.rows == 714  # 804 rows less the 90 SUBACK rows
+    assert result.rows == 918  # 1028 rows less the 110 SUBACK rows
 
 
 def test_membership_snapshot_needs_regeneration(mosquitto: Mosquitto, shop: tuple[Path, dict[str, str], Path]) -> None:

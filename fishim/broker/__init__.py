@@ -157,6 +157,7 @@ class EmbeddedBroker:
         rows = ingest.open()
         core.initial_retained = [(row.topic, row.payload, row.qos) for row in rows]
         core.sync = self._sync = SyncWorker(self.config, ingest)
+        core.after_commit.extend(ingest.after_commit_hooks())
         ingest.start(asyncio.get_running_loop(), core.committed)
         log.info("retained_loaded %s", kv(count=len(rows)))
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from fishim.config import Config
-from fishim.ingest import Inbound, IngestHook, Work, Writer, set_synchronous
+from fishim.ingest import Committed, Inbound, IngestHook, Work, Writer, set_synchronous
 from fishim.store import DeadLetter, RetainedRow, Store
 
 log = logging.getLogger("fishim.broker")
@@ -78,6 +78,10 @@ class BrokerIngest:
         self._thread.start()
         log.info("ingest_started db=%s synchronous=%s next_seq=%d", self.writer.store.path,
                  self.config.store.synchronous, self.writer.store.next_seq())
+
+    def after_commit_hooks(self) -> list[Callable[[list[Committed]], object]]:
+        """The hooks' ``after_commit`` methods, for the broker to call after each routed batch."""
+        return [after for hook in self.hooks if (after := getattr(hook, "after_commit", None)) is not None]
 
     @property
     def accepting(self) -> bool:

@@ -16,8 +16,8 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse
 
 from fishim.http.context import HttpContext, HttpError
-from fishim.http.tokens import tracking_user
 from fishim.store import Store
+from fishim.topics import tracking_user
 
 _HEADERS = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer", "X-Content-Type-Options": "nosniff",
             "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'"}
