@@ -39,7 +39,9 @@ try:
 except ImportError:  # pragma: no cover - only without the postgres extra
     psycopg = None  # type: ignore[assignment]
 
-_PK = {"orders": ("id",), "retained": ("topic",), "receipts": ("order_id", "member"), "users": ("name",)}
+_PK = {"orders": ("id",), "retained": ("topic",), "receipts": ("order_id", "member"), "users": ("name",),
+       "media": ("sha256", "order_id"), "api_keys": ("name",), "alerts": ("id",), "notify_outbox": ("id",)}
+_SERIAL = re.compile(r"^\s*INSERT INTO (deadletters|webhook_outbox) \(")  # sqlite3's lastrowid: RETURNING id
 _NO_OP = re.compile(r"^\s*PRAGMA\s+(synchronous|busy_timeout|journal_mode)\b", re.IGNORECASE)
 
 
@@ -64,6 +66,8 @@ def translate(sql: str) -> str:
     text = text.replace("LIMIT ?", "LIMIT NULLIF(?, -1)")  # SQLite's LIMIT -1 is "no limit"
     text = text.replace("SELECT value FROM json_each(?)", "SELECT json_array_elements_text(?::json)")
     text = text.replace("+order_id", "order_id")  # a SQLite planner hint
+    text = text.replace("FROM sqlite_master WHERE name=",
+                        "FROM information_schema.tables WHERE table_schema=current_schema() AND table_name=")
     return text.replace("?", "%s") + conflict
 
 
@@ -83,6 +87,24 @@ class _Empty:
     """What a PRAGMA that means nothing on PostgreSQL returns."""
 
     rowcount = 0
+
+    def fetchone(self) -> None:
+        return None
+
+    def fetchall(self) -> list[Any]:
+        return []
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(())
+
+
+class _Inserted:
+    """A one-row INSERT's result with :class:`sqlite3.Cursor`'s ``lastrowid`` (from ``RETURNING id``)."""
+
+    def __init__(self, cur: Any) -> None:
+        row = cur.fetchone()
+        self.lastrowid = int(row[0]) if row else None
+        self.rowcount = cur.rowcount
 
     def fetchone(self) -> None:
         return None
@@ -114,13 +136,28 @@ class _PgConnection:
                 self.store._fenced.set()
                 raise StoreFenced("the writer's PostgreSQL session (and its lock) is gone; not writing")
             self.raw = self.store.open_raw()
+        text = translate(sql)
+        returning = bool(_SERIAL.match(text)) and "),(" not in text
         try:
-            return self.raw.execute(translate(sql), params or None, prepare=False)
+            cur = self.raw.execute(text + " RETURNING id" if returning else text, params or None, prepare=False)
         except psycopg.OperationalError as exc:
-            if self.store.writer and self.raw.broken:
-                self.store._fenced.set()
-                raise StoreFenced(f"the writer's PostgreSQL session ended ({exc}); not writing") from exc
+            self._fence_if_broken(exc)
             raise
+        return _Inserted(cur) if returning else cur
+
+    def executemany(self, sql: str, seq: Any) -> Any:
+        cur = self.raw.cursor()
+        try:
+            cur.executemany(translate(sql), list(seq))
+        except psycopg.OperationalError as exc:
+            self._fence_if_broken(exc)
+            raise
+        return cur
+
+    def _fence_if_broken(self, exc: Exception) -> None:
+        if self.store.writer and self.raw.broken:
+            self.store._fenced.set()
+            raise StoreFenced(f"the writer's PostgreSQL session ended ({exc}); not writing") from exc
 
     def close(self) -> None:
         self.raw.close()

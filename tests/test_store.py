@@ -23,6 +23,7 @@ from fishim.ingest import Inbound, Kind, Writer
 from fishim.messages import SyncPage
 from fishim.store import (
     SCHEMA_VERSION,
+    AlertRecord,
     DeadLetter,
     NewEvent,
     Store,
@@ -106,6 +107,7 @@ def test_event_log_and_cursor(store: Store) -> None:
     assert got is not None and got.payload_dict()["text"] == "before 6pm?" and got.payload_dict()["seq"] == 2
     assert [e.id for e in store.order_events("A1")] == [e.id for e in events]
     assert store.count_events_received_since(0) == 7
+    assert store.last_order_seq("A1") == 7 and store.last_order_seq("none") == 0
 
 
 def test_single_insert_event(store: Store) -> None:
@@ -153,6 +155,38 @@ def test_deadletters(store: Store) -> None:
     assert store.count_deadletters() == 2 and store.max_deadletter_id() == letter.id + 1  # type: ignore[operator]
     assert [d.payload for d in store.deadletters_after(letter.id or 0)] == [b"\xff\x00"]
     assert [d.msg_id for d in store.recent_deadletters(limit=1)] == [None]
+
+
+def test_deadletters_are_bounded(store: Store) -> None:
+    store.max_deadletters = 3
+    for n in range(5):
+        store.add_deadletter(DeadLetter(received_at=T0 + n, topic="t", msg_id=f"m{n}", error="bad_json", detail="d",
+                                        payload=b"x" * 5000))
+    letters = store.deadletters()
+    assert [d.msg_id for d in letters] == ["m2", "m3", "m4"]  # the oldest went first
+    assert all(d.payload == b"x" * 4096 and "5000 bytes" in d.detail for d in letters)
+
+
+def test_alerts_and_outbox(store: Store) -> None:
+    store.put_alerts([AlertRecord("a1", "A1", "mention", "high", "open", T0, T0, '{"id":"a1"}'),
+                      AlertRecord("a2", None, "rider_offline", "normal", "pending", T0, T0 + 1, '{"id":"a2"}')])
+    store.put_alerts([AlertRecord("a2", None, "rider_offline", "urgent", "closed", T0, T0 + 2, '{"id":"a2","v":2}')])
+    assert store.alerts() == ['{"id":"a2","v":2}', '{"id":"a1"}'] and store.alerts(live_only=True) == ['{"id":"a1"}']
+    assert store.get_alert("a2") == '{"id":"a2","v":2}' and store.get_alert("zz") is None
+    assert store.open_alert_counts() == {"A1": 1} and store.alert_counts() == {"open": 1, "closed": 1}
+    store.add_ack("a1", "boss")
+    store.add_ack("a1", "boss")  # once
+    assert store.pending_acks() == [("a1", "boss")]
+    store.mark_acks_applied(["a1"])
+    assert store.pending_acks() == []
+    store.delete_alerts(["a2"])
+    assert store.alerts() == ['{"id":"a1"}']
+    store.put_outbox([("o1", "cust1", "push", T0 + 5, "{}"), ("o2", "rider7", "push", T0, '{"n":2}')])
+    assert store.outbox() == ['{"n":2}', "{}"]
+    store.outbox_result("o2", "failed", 3, "timeout")
+    store.put_outbox([], drop=["o1"])
+    assert store.outbox() == [] and [(i, u, a, e) for i, u, a, e, _t in store.failed_pushes()] == [
+        ("o2", "rider7", 3, "timeout")]
 
 
 def test_users_and_devices(store: Store) -> None:
