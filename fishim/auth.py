@@ -39,6 +39,7 @@ class Role(StrEnum):
 
 
 HUMAN_ROLES = tuple(r.value for r in Role if r is not Role.SERVICE)
+RESERVED_PREFIXES = ("t-", "key-")  # t-{order}: a tracking link (fishim.http.tokens); key-{name}: an API key
 
 
 class Principal(BaseModel):
@@ -48,6 +49,7 @@ class Principal(BaseModel):
 
     username: str | None = None
     role: str | None = None
+    order: str | None = None  # set for a tracking link's ``t-{order}``: ``<member>`` of this order only
 
     @property
     def anonymous(self) -> bool:
@@ -73,6 +75,9 @@ def add_user(store: Store, name: str, role: str, password: str) -> UserRow:
     """Create or replace an account; the password is stored only as an argon2id hash."""
     if not is_name(name):
         raise UserError(f"bad user name {name!r} (1-64 of A-Z a-z 0-9 _ -)")
+    if name.startswith(RESERVED_PREFIXES):
+        raise UserError(f"user names starting with {' or '.join(RESERVED_PREFIXES)} are reserved "
+                        f"(tracking links and API keys)")
     if role not in {r.value for r in Role}:
         raise UserError(f"unknown role {role!r} (one of {', '.join(HUMAN_ROLES)})")
     if not password:
@@ -273,6 +278,8 @@ class StoreAuthenticator:
 
     def _verify(self, user: UserRow | None, humans: int, username: str | None, password: str | None,
                 listener: ListenerConfig | str | None) -> tuple[Principal | None, str]:
+        if user is None and username is not None and username.startswith(RESERVED_PREFIXES[0]):
+            return self._tracking(username, password)
         if user is None and humans == 0:
             if self._is_loopback(listener):
                 return Principal(username=username, role=None), "anonymous"
@@ -283,6 +290,22 @@ class StoreAuthenticator:
         if not verify_password(user.password_hash, password):
             return None, "bad_password"
         return Principal(username=user.name, role=user.role), "ok"
+
+    def _tracking(self, username: str, password: str | None) -> tuple[Principal | None, str]:
+        """``t-{order}`` with a tracking link's token as password: the customer's rights on that order."""
+        from fishim.http.tokens import load_secret, order_of_tracking_user, read_token, token_problem
+
+        order = order_of_tracking_user(username)
+        link = read_token(load_secret(self._reader.store_path), password or "") if order else None
+        if link is None or link.order != order:
+            return None, "bad_token"
+        with self._reader.lock:
+            store = self._reader.store()
+            row = store.get_order(order) if store is not None else None
+        problem = token_problem(link, row.state if row is not None else None)
+        if problem is not None:
+            return None, f"token_{problem}"
+        return Principal(username=username, role=Role.CUSTOMER, order=order), "ok"
 
     def _is_loopback(self, listener: ListenerConfig | str | None) -> bool:
         if not isinstance(listener, ListenerConfig):
@@ -497,6 +520,8 @@ class OrderAcl:
                 continue
             if tok == "<self>":
                 ok = level == principal.username
+            elif tok == "<member>" and principal.order is not None:  # a tracking link: its order only
+                ok = level == principal.order
             elif tok == "<member>":
                 ok = (principal.username is not None and is_name(level)
                       and principal.username in (self.members(level) or ()))

@@ -808,5 +808,10 @@ def bench(args: tuple[str, ...]) -> None:
     sys.exit(module.main(list(args), prog="fishim bench"))
 
 
+# the HTTP side's commands (keys, media gc, orders link, webhooks) live with it
+from fishim.http.cli import register  # noqa: E402
+
+register(main, orders)
+
 if __name__ == "__main__":
     main()

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_CONFIG = Path("broker.yaml")
 NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
@@ -98,7 +98,7 @@ class ListenerConfig(_Strict):
     """One socket the broker listens on."""
 
     name: str = Field(default="default", pattern=NAME_PATTERN)
-    type: Literal["tcp", "ws"] = "tcp"
+    type: Literal["tcp", "ws", "http"] = "tcp"
     bind: str = "127.0.0.1:1883"
     tls: TlsConfig | None = None
 
@@ -162,6 +162,54 @@ class BridgeConfig(_Strict):
     batch_wait_ms: DurationMs = Field(default=2.0, ge=0, le=100)
 
 
+class MediaKind(_Strict):
+    """Upload bounds for one media kind: the largest file and the MIME types accepted."""
+
+    max_bytes: int = Field(gt=0, le=100 * 1024 * 1024)  # fishim.orders.MAX_MEDIA_BYTES
+    mimes: list[str] = Field(min_length=1)
+
+
+class MediaConfig(_Strict):
+    """Per-kind limits for ``POST /media``; a MIME type decides the kind, so each may appear once."""
+
+    image: MediaKind = MediaKind(max_bytes=10 * 1024 * 1024,
+                                 mimes=["image/jpeg", "image/png", "image/webp", "image/heic", "image/gif"])
+    voice: MediaKind = MediaKind(max_bytes=10 * 1024 * 1024,
+                                 mimes=["audio/ogg", "audio/mpeg", "audio/mp4", "audio/aac", "audio/webm",
+                                        "audio/wav"])
+    video: MediaKind = MediaKind(max_bytes=50 * 1024 * 1024, mimes=["video/mp4", "video/webm", "video/quicktime"])
+    file: MediaKind = MediaKind(max_bytes=10 * 1024 * 1024, mimes=["application/pdf"])
+
+    @model_validator(mode="after")
+    def _one_kind_per_mime(self) -> MediaConfig:
+        mimes = [m for kind in self.kinds().values() for m in kind.mimes]
+        if len(set(mimes)) < len(mimes):
+            raise ValueError("a MIME type may belong to one kind only")
+        return self
+
+    def kinds(self) -> dict[str, MediaKind]:
+        return {"image": self.image, "voice": self.voice, "video": self.video, "file": self.file}
+
+
+class HttpSettings(_Strict):
+    """The ``http`` listener's behaviour (the listener itself is in ``listeners``)."""
+
+    public_url: str | None = Field(default=None, pattern=r"^https?://[^\s/]+(/[^\s]*)?$")
+    requests_per_minute: int = Field(default=600, gt=0)
+
+
+class WebhookConfig(_Strict):
+    """One receiver of events: POSTed JSON signed with ``secret`` (HMAC-SHA256)."""
+
+    url: str = Field(pattern=r"^https?://[^\s/]+(/[^\s]*)?$")
+    events: list[Literal["status", "alert", "chat"]] = Field(min_length=1)
+    secret: str = Field(min_length=16, repr=False)
+    max_attempts: int = Field(default=10, gt=0, le=100)
+    backoff_s: float = Field(default=2.0, gt=0, le=3600)
+    backoff_max_s: float = Field(default=600.0, gt=0, le=86400)
+    timeout_s: float = Field(default=10.0, gt=0, le=120)
+
+
 class LoggingConfig(_Strict):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     file: Path | None = None
@@ -177,11 +225,25 @@ class Config(_Strict):
     broker: BrokerSettings = BrokerSettings()
     bridge: BridgeConfig = BridgeConfig()
     logging: LoggingConfig = LoggingConfig()
+    http: HttpSettings = HttpSettings()
+    media: MediaConfig = MediaConfig()
+    webhooks: list[WebhookConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _one_mqtt_listener(self) -> Config:
+        if not self.mqtt_listeners:
+            raise ValueError("at least one tcp or ws listener is needed (http serves only HTTP)")
+        return self
+
+    @property
+    def mqtt_listeners(self) -> list[ListenerConfig]:
+        """The listeners the MQTT broker opens (``http`` ones are served by :mod:`fishim.http`)."""
+        return [lst for lst in self.listeners if lst.type != "http"]
 
     @property
     def listener(self) -> ListenerConfig:
         """The first TCP listener: where the bridge and the CLI connect."""
-        return next((lst for lst in self.listeners if lst.type == "tcp"), self.listeners[0])
+        return next((lst for lst in self.listeners if lst.type == "tcp"), self.mqtt_listeners[0])
 
 
 def split_bind(value: str) -> tuple[str, int]:

@@ -33,6 +33,7 @@ from fishim.config import Config
 if TYPE_CHECKING:
     from fishim.auth import OrderAcl, Principal, StoreAuthenticator
     from fishim.broker import EmbeddedBroker
+    from fishim.http import HttpSide
     from fishim.store import DeadLetter, Store
 
 log = logging.getLogger("fishim.service")
@@ -163,7 +164,8 @@ async def _serve(config: Config, *, with_bridge: bool) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, _on_signal, sig, stop)
     authenticator, acl = _auth(config)
-    ingest = BrokerIngest(config) if with_bridge else None
+    http = _http_side(config, authenticator, acl)
+    ingest = BrokerIngest(config, hooks=http.hooks if http is not None else ()) if with_bridge else None
     broker = EmbeddedBroker(config, authenticator=authenticator, authorizer=acl, ingest=ingest)
     refusals = None if ingest is not None else RefusalReporter(config, broker)
     broker.on_refused = refusals  # read by start(); the reporter needs the broker to publish errors
@@ -178,6 +180,13 @@ async def _serve(config: Config, *, with_bridge: bool) -> int:
         except sqlite3.Error as exc:
             log.error("broker not started: store %s unusable: %s", config.store.path, exc)
             return 2
+        if http is not None:
+            try:
+                await http.start(broker)
+            except OSError as exc:  # ListenerError: one line naming the listener
+                log.error("http not started: %s", exc)
+                await broker.stop()
+                return 2
         log.info("broker listening %s store=%s durable=%d",
                  " ".join(f"{lst.type}://{lst.bind}" for lst in config.listeners), config.store.path,
                  int(ingest is not None))
@@ -187,6 +196,8 @@ async def _serve(config: Config, *, with_bridge: bool) -> int:
             log.info("shutting down")
         finally:
             status.cancel()
+            if http is not None:
+                await http.stop()
             await broker.stop()
             _remove_status(config.store.path)
     finally:
@@ -209,6 +220,16 @@ def _remove_status(db: Path) -> None:
 def _on_signal(sig: signal.Signals, stop: asyncio.Event) -> None:
     log.info("received %s", sig.name)
     stop.set()
+
+
+def _http_side(config: Config, authenticator: StoreAuthenticator, acl: OrderAcl) -> HttpSide | None:
+    """The HTTP side (fishim.http: media, tracking links, shop API, webhooks), if broker.yaml asks for
+    it. Its hooks (the webhook outbox) join the ingest's transactions, so it is made before the ingest."""
+    if not config.webhooks and not any(lst.type == "http" for lst in config.listeners):
+        return None
+    from fishim.http import HttpSide
+
+    return HttpSide(config, authenticator, acl)
 
 
 def _auth(config: Config) -> tuple[StoreAuthenticator, OrderAcl]:

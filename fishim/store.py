@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fishim.store")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS events (
@@ -107,7 +107,44 @@ CREATE TABLE IF NOT EXISTS devices (
 );
 """
 
-MIGRATIONS: dict[int, str] = {1: _SCHEMA_V1, 2: _SCHEMA_V2}
+# v3: the HTTP side (fishim.http): uploaded media, API keys, the webhook outbox.
+_SCHEMA_V3 = """
+CREATE TABLE IF NOT EXISTS media (
+    sha256 TEXT NOT NULL,
+    order_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    mime TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    uploaded_by TEXT,
+    uploaded_at INTEGER NOT NULL,
+    PRIMARY KEY (sha256, order_id)
+);
+CREATE TABLE IF NOT EXISTS api_keys (
+    name TEXT PRIMARY KEY,
+    key_sha256 TEXT NOT NULL UNIQUE,
+    created_at INTEGER NOT NULL,
+    last_used_at INTEGER
+);
+CREATE TABLE IF NOT EXISTS webhook_outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    url TEXT NOT NULL,
+    event TEXT NOT NULL,
+    key TEXT NOT NULL,
+    seq INTEGER,
+    body BLOB NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_at INTEGER NOT NULL,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL,
+    last_status INTEGER,
+    last_error TEXT
+);
+CREATE INDEX IF NOT EXISTS webhook_outbox_due ON webhook_outbox(state, next_at);
+CREATE UNIQUE INDEX IF NOT EXISTS webhook_outbox_key ON webhook_outbox(url, key);
+"""
+
+MIGRATIONS: dict[int, str] = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3}
 
 
 def now_ms() -> int:

@@ -237,7 +237,7 @@ class FishimBroker(Broker):
     async def bind(self) -> None:
         """Open every configured listener (not yet accepting), on exactly its configured host."""
         try:
-            for listener in self.fishim_config.listeners:
+            for listener in self.fishim_config.mqtt_listeners:
                 if listener.name in self._bound:
                     raise ListenerError(f"listener {listener.name}: duplicate listener name")
                 server = await self._open_listener(listener)

@@ -51,10 +51,12 @@ class Stack:
         probe: (username, password) for the readiness sync; anonymous ``probe`` by default (fine
             while the store has no accounts).
         port: listener port; a free one by default.
+        extra_listeners: more ``listeners`` entries (``ws``, ``http``) after the default tcp one.
     """
 
     def __init__(self, db: Path, *, kind: Kind = "auto", config: Config | None = None,
-                 probe: tuple[str, str | None] = ("probe", None), port: int | None = None) -> None:
+                 probe: tuple[str, str | None] = ("probe", None), port: int | None = None,
+                 extra_listeners: list[dict[str, Any]] | None = None) -> None:
         self.db = Path(db).resolve()
         self.port = port or free_port()
         if kind == "auto":
@@ -62,7 +64,8 @@ class Stack:
         self.kind: Kind = kind
         base = (config or Config()).model_dump(mode="json")
         base["store"] = {"path": str(self.db)}
-        base["listeners"] = [{"name": "default", "type": "tcp", "bind": f"127.0.0.1:{self.port}"}]
+        base["listeners"] = [{"name": "default", "type": "tcp", "bind": f"127.0.0.1:{self.port}"},
+                             *(extra_listeners or [])]
         self.config = Config.model_validate(base)
         self.probe = probe
         self.workdir = Path(tempfile.mkdtemp(prefix="fishim-stack-"))
