@@ -36,6 +36,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from fishim.config import Config
+from fishim.http.tokens import order_of_tracking_user
 from fishim.messages import (
     ErrorCode,
     ErrorMessage,
@@ -189,7 +190,10 @@ class SyncServer:
         """Orders ``user`` may read right now (None: all), intersected with the request's ``orders``."""
         row = conn.execute("SELECT role FROM users WHERE name=?", (user,)).fetchone()
         role = row[0] if row else None
-        if role in _ALL_ORDERS_ROLES:
+        tracked = order_of_tracking_user(user) if row is None else None
+        if tracked is not None:  # a tracking link's t-{order} (it logged in with that order's token)
+            allowed = {tracked}
+        elif role in _ALL_ORDERS_ROLES:
             allowed: set[str] | None = None
         elif role == "rider":
             allowed = _column_orders(conn, "rider", user)
