@@ -75,11 +75,16 @@ def live_tracking_page(ctx: HttpContext, request: Request, order: str, user: str
                         headers={**NO_STORE, "Content-Security-Policy": _csp(url)})
 
 
+_CLOCK = ("<svg class=big-icon viewBox='0 0 24 24' aria-hidden=true><circle cx=12 cy=12 r=9 fill=none "
+          "stroke=currentColor stroke-width=1.6 /><path d='M12 7v5l3 2' fill=none stroke=currentColor "
+          "stroke-width=1.6 stroke-linecap=round /></svg>")
+
+
 def refused_page(code: str, title: str, detail: str, status: int) -> HTMLResponse:
     """An invalid, expired or revoked link: says which, in both languages, and nothing of the order."""
     zh = {"token_expired": "链接已过期，请向店家索取新链接。",  # noqa: RUF001
           "token_revoked": "订单已完成，此跟踪链接已失效。"}.get(code, "这不是有效的跟踪链接。")  # noqa: RUF001
-    body = (f"<main class=refused><div class=card><div class=big-icon aria-hidden=true>⌛</div>"
+    body = (f"<main class=refused><div class=card>{_CLOCK}"
             f"<h1 id=refused data-code={escape(code)}>{escape(title)}</h1><p>{escape(detail)}</p>"
             f"<p lang=zh>{escape(zh)}</p>"
             f"<p class=muted>fishim</p></div></main>")

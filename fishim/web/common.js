@@ -138,9 +138,9 @@
       if (m.kind === "voice" || m.kind === "video") {
         const player = el(m.kind === "voice" ? "audio" : "video", { controls: true, class: "chat-" + m.kind, dataset: { sha256: m.sha256 } });
         mediaUrl(m.sha256, auth).then((u) => { player.src = u; }).catch(() => player.classList.add("broken"));
-        return el("div", { class: "voice-note" }, m.kind === "voice" ? "🎙 " : "", player);
+        return el("div", { class: "voice-note" }, m.kind === "voice" ? icon("mic") : null, player);
       }
-      return el("span", { class: "chat-file" }, "📎 " + (m.mime || m.kind));
+      return el("span", { class: "chat-file" }, m.mime || m.kind);
     });
   }
 
@@ -162,9 +162,20 @@
     return { stop: () => { recorder.stop(); return done; } };
   }
 
+  const ICONS = {
+    camera: '<svg class="ico" viewBox="0 0 24 24" aria-hidden="true"><path d="M4 7h3l2-2.5h6L17 7h3a1 1 0 0 1 1 1v10a1 1 0 0 1-1 1H4a1 1 0 0 1-1-1V8a1 1 0 0 1 1-1z" fill="none" stroke="currentColor" stroke-width="1.8"/><circle cx="12" cy="13" r="3.6" fill="none" stroke="currentColor" stroke-width="1.8"/></svg>',
+    mic: '<svg class="ico" viewBox="0 0 24 24" aria-hidden="true"><rect x="9" y="3" width="6" height="11" rx="3" fill="none" stroke="currentColor" stroke-width="1.8"/><path d="M5.5 11a6.5 6.5 0 0 0 13 0M12 17.5V21" fill="none" stroke="currentColor" stroke-width="1.8" stroke-linecap="round"/></svg>',
+  };
+  /** An inline SVG icon (no emoji font needed, nothing fetched). */
+  function icon(name) {
+    const tpl = document.createElement("template");
+    tpl.innerHTML = ICONS[name];
+    return tpl.content.firstChild;
+  }
+
   function config() {
     return JSON.parse(document.getElementById("fishim-config").textContent);
   }
 
-  root.FishimWeb = { LANG, t, toMs, clock, etaMs, el, mediaUrl, mediaNodes, upload, recordVoice, config };
+  root.FishimWeb = { icon, LANG, t, toMs, clock, etaMs, el, mediaUrl, mediaNodes, upload, recordVoice, config };
 })(window);

@@ -164,7 +164,7 @@
       const mine = [...orders.values()].filter((o) => o.rider === name && OPEN.includes(o.state)).map((o) => o.id);
       return el("div", { class: "rider", dataset: { rider: name, presence: p.state || "unknown" } },
         el("div", {}, el("div", { class: "name", text: name }),
-          el("div", { class: "orders", text: p.state === "online" ? t("online") : p.last_seen ? `${t("last_seen")} ${clock(p.last_seen)}` : t("offline") })),
+          el("div", { class: "orders", text: p.state === "online" ? t("online") : p.last_seen ? `${t("last_seen")} ${clock(p.last_seen)}` : "" })),
         el("div", { class: "orders", text: mine.length ? mine.join(", ") : "—" }));
     }));
     $("rider-names").replaceChildren(...list.map(([name]) => el("option", { value: name })));
@@ -218,7 +218,7 @@
       if (!text) return;
       input.value = "";
       sync.publish(o.id, "chat", { text }).catch(() => { input.value = text; });
-    } }, el("label", { class: "icon-btn", title: t("photo") }, "📷", photo), input,
+    } }, el("label", { class: "icon-btn", title: t("photo") }, W.icon("camera"), photo), input,
       el("button", { class: "send", type: "submit", id: "console-send", text: t("send") }));
     photo.addEventListener("change", async () => {
       const file = photo.files[0];
