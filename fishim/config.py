@@ -165,7 +165,7 @@ class BridgeConfig(_Strict):
 class MediaKind(_Strict):
     """Upload bounds for one media kind: the largest file and the MIME types accepted."""
 
-    max_bytes: int = Field(gt=0, le=100 * 1024 * 1024)  # fishim.orders.MAX_MEDIA_BYTES
+    max_bytes: ByteSize = Field(gt=0, le=100 * 1024 * 1024)  # fishim.orders.MAX_MEDIA_BYTES
     mimes: list[str] = Field(min_length=1)
 
 
@@ -208,9 +208,9 @@ class WebhookConfig(_Strict):
     events: list[Literal["status", "alert", "chat"]] = Field(min_length=1)
     secret: str = Field(min_length=16, repr=False)
     max_attempts: int = Field(default=10, gt=0, le=100)
-    backoff_s: float = Field(default=2.0, gt=0, le=3600)
-    backoff_max_s: float = Field(default=600.0, gt=0, le=86400)
-    timeout_s: float = Field(default=10.0, gt=0, le=120)
+    backoff_s: Duration = Field(default=2.0, gt=0, le=3600)
+    backoff_max_s: Duration = Field(default=600.0, gt=0, le=86400)
+    timeout_s: Duration = Field(default=10.0, gt=0, le=120)
 
 
 class LoggingConfig(_Strict):

@@ -120,7 +120,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=10_000)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--kind", choices=["auto", "embedded", "mosquitto"], default="auto",
+    parser.add_argument("--kind", choices=["embedded", "mosquitto"], default="embedded",
                         help="broker under the bridge (default: the embedded one)")
     parser.add_argument("--db", type=Path, help="keep the store here (default: a temp dir)")
     args = parser.parse_args()

@@ -18,6 +18,7 @@ import hmac
 import json
 import logging
 import random
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -31,6 +32,8 @@ from fishim.store import Store, now_ms
 log = logging.getLogger("fishim.http.webhooks")
 
 BATCH = 50
+KEEP_DELIVERED_MS = 30 * 86_400_000  # delivered rows older than this are pruned (failed ones stay)
+PRUNE_EVERY_S = 3600.0
 IDLE_POLL_S = 1.0  # also the most a delivery waits if the nudge after its commit came too early
 NUDGE_DELAY_S = 0.02
 SIGNATURE_HEADER = "X-Fishim-Signature"
@@ -155,8 +158,12 @@ class Dispatcher:
         await self._client.aclose()
 
     async def _run(self) -> None:
+        pruned_at = 0.0
         while not self._stopping:
             try:
+                if time.monotonic() - pruned_at > PRUNE_EVERY_S:
+                    pruned_at = time.monotonic()
+                    await self.worker.run(prune, now_ms() - KEEP_DELIVERED_MS)
                 rows = await self.worker.run(due_rows, now_ms(), BATCH)
                 if rows:
                     await asyncio.gather(*(self._deliver(r) for r in rows))
@@ -224,6 +231,12 @@ def finish(store: Store, row_id: int, state: str, status: int | None, error: str
 def retry_later(store: Store, row_id: int, status: int | None, error: str, next_at: int) -> None:
     store.conn.execute("UPDATE webhook_outbox SET attempts=attempts+1, updated_at=?, last_status=?, last_error=?,"
                        " next_at=? WHERE id=?", (now_ms(), status, error, next_at, row_id))
+
+
+def prune(store: Store, before: int) -> int:
+    """Forget deliveries that succeeded before ``before``: the outbox is not an archive."""
+    return store.conn.execute("DELETE FROM webhook_outbox WHERE state='delivered' AND updated_at<?",
+                              (before,)).rowcount
 
 
 def list_rows(store: Store, state: str | None = None, limit: int = 100) -> list[OutboxRow]:

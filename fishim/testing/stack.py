@@ -3,18 +3,16 @@
 Sync, replay and the client library are only meaningful end to end: real broker, real bridge, real
 store file. :class:`Stack` starts one of two shapes:
 
-- ``"embedded"``: ``python -m fishim up`` in a child process, exactly what the shop runs;
+- ``"embedded"`` (default): ``python -m fishim up`` in a child process, exactly what the shop runs;
 - ``"mosquitto"``: Debian's Mosquitto plus an in-process :class:`fishim.bridge.Bridge`, the
-  "works unchanged against Mosquitto" shape (and a fallback while the embedded broker is missing).
+  "works unchanged against Mosquitto" shape.
 
-``"auto"`` picks ``embedded`` when :mod:`fishim.broker` imports, else ``mosquitto``. Either way
-:meth:`Stack.start` returns only once a sync request is answered: the bridge is connected,
-subscribed and serving, not merely the port open.
+Either way :meth:`Stack.start` returns only once a sync request is answered: the store is open and
+sync is served, not merely the port open.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -38,7 +36,7 @@ __all__ = ["Stack"]
 
 log = logging.getLogger("fishim.testing.stack")
 
-Kind = Literal["auto", "embedded", "mosquitto"]
+Kind = Literal["embedded", "mosquitto"]
 
 
 class Stack:
@@ -54,13 +52,11 @@ class Stack:
         extra_listeners: more ``listeners`` entries (``ws``, ``http``) after the default tcp one.
     """
 
-    def __init__(self, db: Path, *, kind: Kind = "auto", config: Config | None = None,
+    def __init__(self, db: Path, *, kind: Kind = "embedded", config: Config | None = None,
                  probe: tuple[str, str | None] = ("probe", None), port: int | None = None,
                  extra_listeners: list[dict[str, Any]] | None = None) -> None:
         self.db = Path(db).resolve()
         self.port = port or free_port()
-        if kind == "auto":
-            kind = "embedded" if importlib.util.find_spec("fishim.broker") is not None else "mosquitto"
         self.kind: Kind = kind
         base = (config or Config()).model_dump(mode="json")
         base["store"] = {"path": str(self.db)}
