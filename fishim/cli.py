@@ -789,23 +789,16 @@ def mosquitto_acl(ctx: Ctx, out: Path, passwords_stdin: bool) -> None:
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []})
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def bench(args: tuple[str, ...]) -> None:
-    """Benchmarks against stock amqtt and Mosquitto (runs scripts/bench.py; see `fishim bench --help`).
+    """Benchmarks against stock amqtt and Mosquitto (the fishim.bench package; see `fishim bench --help`).
 
     \b
     Example:
       fishim bench --quick           # under a minute, rough figures
       fishim bench                   # full mode, for BENCHMARKS.md, on a quiet machine
     """
-    import importlib.util
+    from fishim.bench.cli import main as bench_main
 
-    script = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
-    spec = importlib.util.spec_from_file_location("fishim_bench", script)
-    if not script.exists() or spec is None or spec.loader is None:
-        fail(f"no benchmark script at {script}: it lives in the source tree, run this from a checkout")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    sys.exit(module.main(list(args), prog="fishim bench"))
+    sys.exit(bench_main(list(args), prog="fishim bench"))
 
 
 # the HTTP side's commands (keys, media gc, orders link, webhooks) live with it

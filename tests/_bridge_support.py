@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sqlite3
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from contextlib import closing
@@ -21,6 +18,7 @@ from typing import Any
 
 from fishim.testing import free_port, wait_for_port
 from fishim.testing.mosquitto import Mosquitto
+from fishim.testing.proc import Proc
 
 PY = sys.executable
 TS = 1_764_000_000_000
@@ -41,64 +39,6 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what} not reached within {timeout}s")
         time.sleep(0.003)
-
-
-class Proc:
-    """A child process whose stderr is read line by line, so tests can wait for its log lines."""
-
-    def __init__(self, args: list[str], *, env: dict[str, str], cwd: Path) -> None:
-        self.args = args
-        self.lines: list[str] = []
-        self._cond = threading.Condition()
-        self.popen = subprocess.Popen(args, env=env, cwd=cwd, stdin=subprocess.DEVNULL,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                      start_new_session=True)
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.popen.stderr is not None
-        for raw in self.popen.stderr:
-            with self._cond:
-                self.lines.append(raw.decode("utf-8", "replace").rstrip())
-                self._cond.notify_all()
-        with self._cond:
-            self._cond.notify_all()
-
-    def wait_log(self, text: str, timeout: float = 15.0) -> str:
-        """The first log line containing ``text`` (fails fast if the process exits first)."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                hit = next((line for line in self.lines if text in line), None)
-                if hit is not None:
-                    return hit
-                if self.popen.poll() is not None and not self._reader.is_alive():
-                    raise RuntimeError(f"{self.args[3:5]} exited {self.popen.returncode} before "
-                                       f"{text!r}:\n" + "\n".join(self.lines[-20:]))
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError(f"no log line {text!r} within {timeout}s:\n" + "\n".join(self.lines[-20:]))
-                self._cond.wait(min(left, 0.2))
-
-    def kill(self) -> None:
-        """SIGKILL, like a power cut: no cleanup of any kind runs."""
-        if self.popen.poll() is None:
-            self.popen.kill()
-        self.popen.wait(10)
-        self._reader.join(5)
-
-    def terminate(self, timeout: float = 15.0) -> int:
-        """SIGTERM and wait; returns the exit code (SIGKILL if it does not stop in time)."""
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(10)
-        self._reader.join(5)
-        return self.popen.returncode
 
 
 class EmbeddedBrokerProc:

@@ -7,6 +7,7 @@ from __future__ import annotations
 # its own event-loop thread. paho: paho-mqtt clients recording CONNACK/SUBACK/messages, always closed.
 # raw_mqtt + wire: a socket-level MQTT 3.1.1 client and packet builders for crafting bad packets.
 import asyncio
+import os
 import queue
 import socket
 import struct
@@ -22,8 +23,20 @@ import pytest
 
 from fishim.broker import EmbeddedBroker
 from fishim.config import BrokerSettings, Config, Limits, ListenerConfig
+from fishim.testing import packets
+from fishim.testing.mqtt import MqttClient, publish_and_wait
 
 _T = TypeVar("_T")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """In CI (``CI=true``) a missing Mosquitto fails the run: its tests would otherwise only be skipped,
+    and a green run would say nothing about fishim behind Mosquitto."""
+    from fishim.testing.mosquitto import find_mosquitto
+
+    if os.environ.get("CI", "").lower() == "true" and find_mosquitto() is None:
+        raise pytest.UsageError("CI=true but Debian's mosquitto is not installed: the Mosquitto tests cannot run "
+                                "(scripts/test installs it when run as root)")
 
 
 class BrokerThread:
@@ -120,28 +133,21 @@ class Received:
 
 
 class Paho:
-    """A paho-mqtt 2.x client (callback API v2, MQTT 3.1.1) that records what tests wait on.
+    """A :class:`fishim.testing.mqtt.MqttClient` (paho 2.x, MQTT 3.1.1) plus what broker tests wait on.
 
-    The message queue is attached before CONNECT, so messages a persistent session gets right
-    after CONNACK are not lost to paho's "no on_message" path.
+    Unlike ``connect_client`` it does not raise on a refused CONNECT (``refused``/``reason`` say so).
+    Messages are queued as :class:`Received` (dup flag included) from before CONNECT, so what a
+    persistent session gets right after CONNACK is not lost to paho's "no on_message" path.
     """
 
     def __init__(self, port: int, client_id: str, *, clean_session: bool = True,
                  username: str | None = None, password: str | None = None, keepalive: int = 60,
                  will: tuple[str, bytes] | None = None, transport: str = "tcp",
                  tls_ca: str | None = None, host: str = "127.0.0.1") -> None:
-        self.client = paho_mqtt.Client(paho_mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
-                                       clean_session=clean_session, protocol=paho_mqtt.MQTTv311,
-                                       transport=transport)  # type: ignore[arg-type]
+        self.client = MqttClient(client_id, clean_session=clean_session, transport=transport)
         self.messages: queue.Queue[Received] = queue.Queue()
-        self.disconnected = threading.Event()
-        self._connack: queue.Queue[tuple[Any, bool]] = queue.Queue()
-        self._subacks: dict[int, list[int]] = {}
-        self._cond = threading.Condition()
-        self.client.on_connect = lambda _c, _u, flags, rc, _p: self._connack.put((rc, flags.session_present))
-        self.client.on_disconnect = lambda *_a: self.disconnected.set()
+        self.disconnected = self.client.disconnected
         self.client.on_message = self._on_message
-        self.client.on_subscribe = self._on_subscribe
         if username is not None:
             self.client.username_pw_set(username, password)
         if will is not None:
@@ -151,37 +157,26 @@ class Paho:
         self.client.connect(host, port, keepalive)
         self.client.loop_start()
         try:
-            rc, present = self._connack.get(timeout=10)
-        except queue.Empty:
+            rc = self.client.wait_connack(10)
+        except TimeoutError:
             self.client.loop_stop()
-            raise TimeoutError("no CONNACK") from None
+            raise
         self.refused = bool(rc.is_failure)
         self.reason = str(rc)
-        self.session_present = bool(present)
+        self.session_present = self.client.session_present
         if self.refused:
             self.client.loop_stop()
 
     def _on_message(self, _client: Any, _userdata: Any, msg: paho_mqtt.MQTTMessage) -> None:
         self.messages.put(Received(msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain), bool(msg.dup)))
 
-    def _on_subscribe(self, _client: Any, _userdata: Any, mid: int, codes: list[Any], _p: Any) -> None:
-        with self._cond:
-            self._subacks[mid] = [code.value for code in codes]
-            self._cond.notify_all()
-
     def subscribe(self, topic_filter: str, qos: int = 1) -> int:
         """SUBSCRIBE and wait for SUBACK; returns the granted QoS (0x80 if refused)."""
-        result, mid = self.client.subscribe(topic_filter, qos)
-        assert result == paho_mqtt.MQTT_ERR_SUCCESS and mid is not None
-        with self._cond:
-            assert self._cond.wait_for(lambda: mid in self._subacks, timeout=5), "no SUBACK"
-            return self._subacks.pop(mid)[0]
+        return self.client.suback_codes([topic_filter], qos, timeout=5)[0]
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
         """Publish and wait until done: PUBACK for QoS 1, written to the socket for QoS 0."""
-        info = self.client.publish(topic, payload, qos, retain)
-        info.wait_for_publish(5)
-        assert info.is_published(), f"{topic} not acknowledged"
+        publish_and_wait(self.client, topic, payload, qos, retain, timeout=5)
 
     def get(self, timeout: float = 5.0) -> Received:
         try:
@@ -221,48 +216,6 @@ def paho() -> Iterator[Callable[..., Paho]]:
         client.close()
 
 
-def mqtt_string(value: str | bytes) -> bytes:
-    raw = value.encode("utf-8") if isinstance(value, str) else value
-    return struct.pack("!H", len(raw)) + raw
-
-
-def mqtt_packet(first_byte: int, body: bytes) -> bytes:
-    """Fixed header (type/flags byte + remaining length) + body."""
-    length, encoded = len(body), bytearray()
-    while True:
-        byte, length = length & 0x7F, length >> 7
-        encoded.append(byte | 0x80 if length else byte)
-        if not length:
-            return bytes([first_byte]) + bytes(encoded) + body
-
-
-def connect_packet(client_id: str, *, clean: bool = True, keepalive: int = 0, level: int = 4,
-                   will: tuple[str, bytes] | None = None, username: str | None = None,
-                   password: str | None = None, flags_extra: int = 0) -> bytes:
-    flags = (0x02 if clean else 0) | flags_extra
-    payload = mqtt_string(client_id)
-    if will is not None:
-        flags |= 0x04 | 0x08  # will, QoS 1
-        payload += mqtt_string(will[0]) + mqtt_string(will[1])
-    if username is not None:
-        flags |= 0x80
-        payload += mqtt_string(username)
-    if password is not None:
-        flags |= 0x40
-        payload += mqtt_string(password)
-    variable = mqtt_string("MQTT") + bytes([level, flags]) + struct.pack("!H", keepalive)
-    return mqtt_packet(0x10, variable + payload)
-
-
-def publish_packet(topic: str | bytes, payload: bytes, qos: int = 0, packet_id: int = 1) -> bytes:
-    body = mqtt_string(topic) + (struct.pack("!H", packet_id) if qos else b"") + payload
-    return mqtt_packet(0x30 | (qos << 1), body)
-
-
-def subscribe_packet(topic_filter: str | bytes, qos: int = 1, packet_id: int = 1) -> bytes:
-    return mqtt_packet(0x82, struct.pack("!H", packet_id) + mqtt_string(topic_filter) + bytes([qos]))
-
-
 @dataclass(frozen=True)
 class RawPacket:
     type: int
@@ -295,19 +248,19 @@ class RawMqtt:
 
     def connect(self, client_id: str, **kwargs: Any) -> tuple[bool, int]:
         """CONNECT and read CONNACK: (session_present, return code)."""
-        self.send(connect_packet(client_id, **kwargs))
+        self.send(packets.connect(client_id, **kwargs))
         packet = self.read()
         assert packet is not None and packet.type == 2, f"expected CONNACK, got {packet}"
         return bool(packet.body[0] & 1), packet.body[1]
 
     def subscribe(self, topic_filter: str, qos: int = 1, packet_id: int = 1) -> int:
-        self.send(subscribe_packet(topic_filter, qos, packet_id))
+        self.send(packets.subscribe(topic_filter, qos, packet_id))
         packet = self.read()
         assert packet is not None and packet.type == 9, f"expected SUBACK, got {packet}"
         return packet.body[2]
 
     def puback(self, packet_id: int) -> None:
-        self.send(mqtt_packet(0x40, struct.pack("!H", packet_id)))
+        self.send(packets.packet(0x40, struct.pack("!H", packet_id)))
 
     def read(self, timeout: float = 5.0) -> RawPacket | None:
         """The next packet, or None if the broker closed the connection."""
@@ -365,8 +318,8 @@ class RawMqtt:
 def wire() -> SimpleNamespace:
     """Packet builders for raw_mqtt tests: wire.connect(...), wire.publish(...), wire.subscribe(...),
     wire.packet(first_byte, body), wire.string(text_or_bytes)."""
-    return SimpleNamespace(connect=connect_packet, publish=publish_packet, subscribe=subscribe_packet,
-                           packet=mqtt_packet, string=mqtt_string)
+    return SimpleNamespace(connect=packets.connect, publish=packets.publish, subscribe=packets.subscribe,
+                           packet=packets.packet, string=packets.string)
 
 
 @pytest.fixture

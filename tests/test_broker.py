@@ -221,19 +221,39 @@ def test_takeover_with_a_qos1_delivery_in_flight_resends_it_to_the_new_connectio
         assert following is not None and following.publish[2] == b"next" and not following.dup
 
 
-def test_connection_lost_right_after_connect_is_noticed(embedded_broker, paho, raw_mqtt, wire, caplog):
+def test_connection_lost_right_after_connect_is_noticed(embedded_broker, paho, raw_mqtt, wire, caplog, monkeypatch):
     """A link that dies while the broker is still answering CONNECT (a phone reconnecting through a
-    dying network) ends like any other: will published, session free for the next connection."""
+    dying network) ends like any other: will published, session free for the next connection.
+
+    The broker is held after CONNACK, before its reader starts, until the phone's RST is on the wire,
+    so every attempt takes that path (no race to win)."""
     caplog.set_level(logging.INFO, logger="fishim.broker")
     port = embedded_broker.port
+    reached, held = threading.Event(), []  # held: the asyncio.Event releasing the one held handler
+    original_start = FishimHandler.start
+
+    async def start(self: FishimHandler) -> None:
+        if self.session is not None and self.session.client_id == "phone-7" and not held:
+            release = asyncio.Event()
+            held.append(release)
+            reached.set()
+            await release.wait()  # the test has reset the connection by now
+        await original_start(self)
+
+    monkeypatch.setattr(FishimHandler, "start", start)
     witness = paho(port, "witness")
     witness.subscribe(f"{B2}/status")
-    for attempt in range(5):  # a few times: the RST has to beat the CONNACK, which it usually does
+    for attempt in range(3):
+        reached.clear()
+        held.clear()
         doomed = raw_mqtt(port)
         doomed.send(wire.connect("phone-7", clean=False, will=(f"{B2}/status", f"gone {attempt}".encode()))
                     + wire.subscribe(f"{A1}/#"))
-        doomed.abort()  # RST right behind the CONNECT
+        assert reached.wait(5), "the broker never got to the point between CONNACK and its reader"
+        doomed.abort()  # RST while the broker is between CONNACK and reading
+        embedded_broker.loop.call_soon_threadsafe(held[0].set)
         assert witness.get().payload == f"gone {attempt}".encode()
+    held.append(asyncio.Event())  # no more holding: the next phone-7 connects normally
     new = paho(port, "phone-7", clean_session=False)
     assert new.session_present
     new.subscribe(f"{A1}/#")

@@ -151,7 +151,7 @@ def test_cut_refusing_then_restore_lets_client_reconnect(broker: Mosquitto, prox
     ):
         proxy.cut(refuse=True)
         assert rider.wait_disconnected(timeout=5).is_failure
-        time.sleep(2.5)  # paho retries every 1-2 s; every attempt must be refused
+        proxy.wait_refused(2, timeout=10)  # paho retries every 1-2 s; two attempts in, both refused
         assert not rider.is_connected()
         assert rider.connect_count == 1
         proxy.restore()
@@ -202,10 +202,8 @@ def test_slow_delays_delivery(broker: Mosquitto, proxy: Proxy) -> None:
         assert time.monotonic() - started >= 1.5
 
         proxy.restore()
-        started = time.monotonic()
         publish_and_wait(rider, "t/fast", b"z", qos=1)
-        inbox.get(timeout=5)
-        assert time.monotonic() - started < 0.5
+        inbox.get(timeout=5)  # delivered again (how fast is the benchmarks' business)
 
 
 @pytest.mark.mosquitto

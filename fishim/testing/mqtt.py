@@ -85,16 +85,20 @@ class MqttClient(mqtt.Client):
         session_present: the CONNACK flag of the latest successful connect.
         connect_count: successful connects so far (reconnects included).
         last_connack: reason code of the latest CONNACK.
+        disconnected: set once the connection ended (ours or the broker's doing), never cleared.
     """
 
-    def __init__(self, client_id: str, *, clean_session: bool = True, userdata: Any = None) -> None:
+    def __init__(self, client_id: str, *, clean_session: bool = True, userdata: Any = None,
+                 transport: str = "tcp") -> None:
         super().__init__(
             mqtt.CallbackAPIVersion.VERSION2,
             client_id=client_id,
             clean_session=clean_session,
             userdata=userdata,
             protocol=mqtt.MQTTv311,
+            transport=transport,  # type: ignore[arg-type]  # "tcp" | "websockets"
         )
+        self.disconnected = threading.Event()
         self.session_present = False
         self.connect_count = 0
         self.last_connack: ReasonCode | None = None
@@ -121,6 +125,7 @@ class MqttClient(mqtt.Client):
 
     def _track_disconnect(self, _c: Any, _u: Any, _flags: mqtt.DisconnectFlags, rc: ReasonCode, _p: Any) -> None:
         log.debug("%r: disconnected: %s", self, rc)
+        self.disconnected.set()
         self._fx_disconnects.put(rc)
         with self._fx_cond:
             self._fx_cond.notify_all()
@@ -140,6 +145,12 @@ class MqttClient(mqtt.Client):
                 if left <= 0:
                     raise TimeoutError(f"{self!r}: no {what} within {timeout}s")
                 self._fx_cond.wait(min(left, 0.1))  # is_connected() changes without a callback too
+
+    def wait_connack(self, timeout: float = 10.0) -> ReasonCode:
+        """The first CONNACK's reason code, refusals included (``rc.is_failure``)."""
+        self._fx_wait(lambda: self.last_connack is not None, timeout, "CONNACK")
+        assert self.last_connack is not None
+        return self.last_connack
 
     def wait_connected(self, timeout: float = 10.0) -> bool:
         """Block until connected (now, or after paho's automatic reconnect); returns session_present."""
@@ -163,16 +174,20 @@ class MqttClient(mqtt.Client):
             MqttError: the broker refused a filter (SUBACK 0x80), or the client is offline.
         """
         topics = [topic] if isinstance(topic, str) else list(topic)
-        result, mid = self.subscribe([(t, qos) for t in topics])
-        if result != mqtt.MQTT_ERR_SUCCESS or mid is None:
-            raise MqttError(f"{self!r}: subscribe {topics} failed: {mqtt.error_string(result)}")
-        self._fx_wait(lambda: mid in self._fx_subacks, timeout, f"SUBACK for {topics}")
-        with self._fx_cond:
-            codes = self._fx_subacks.pop(mid)
-        refused = [t for t, rc in zip(topics, codes, strict=False) if rc.is_failure]
+        codes = self.suback_codes(topics, qos, timeout)
+        refused = [t for t, code in zip(topics, codes, strict=False) if code >= 0x80]
         if refused:
             raise MqttError(f"{self!r}: broker refused subscription to {refused}")
-        return [rc.value for rc in codes]
+        return codes
+
+    def suback_codes(self, topics: Sequence[str], qos: int = 1, timeout: float = 10.0) -> list[int]:
+        """Subscribe and return the SUBACK's code per filter as it came: 0x80 for a refused one."""
+        result, mid = self.subscribe([(t, qos) for t in topics])
+        if result != mqtt.MQTT_ERR_SUCCESS or mid is None:
+            raise MqttError(f"{self!r}: subscribe {list(topics)} failed: {mqtt.error_string(result)}")
+        self._fx_wait(lambda: mid in self._fx_subacks, timeout, f"SUBACK for {list(topics)}")
+        with self._fx_cond:
+            return [rc.value for rc in self._fx_subacks.pop(mid)]
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -229,9 +244,7 @@ def connect_client(
     try:
         client.connect(host, port, keepalive)
         client.loop_start()
-        client._fx_wait(lambda: client.last_connack is not None, timeout, "CONNACK")
-        rc = client.last_connack
-        assert rc is not None
+        rc = client.wait_connack(timeout)
         if rc.is_failure:
             raise MqttError(f"{client!r}: connection refused: {rc}")
     except BaseException:

@@ -221,6 +221,7 @@ class Proxy:
         self.port = listen_port
         self.connect_timeout = connect_timeout
         self.total_connections = 0
+        self.refused = 0  # connections reset on arrival while refusing (cut(refuse=True))
         self._conns: dict[int, Connection] = {}
         self._handlers: set[asyncio.Task[Any]] = set()
         self._stalled = False
@@ -295,6 +296,16 @@ class Proxy:
                     raise TimeoutError(f"{self!r}: {len(self._conns)} connections, wanted {n}")
                 self._count_changed.wait(left)
 
+    def wait_refused(self, n: int, timeout: float = 10.0) -> None:
+        """Block until ``n`` connection attempts in all were refused: a client's retries, counted.
+
+        Raises:
+            TimeoutError: fewer than ``n`` were refused in time.
+        """
+        with self._count_changed:
+            if not self._count_changed.wait_for(lambda: self.refused >= n, timeout):
+                raise TimeoutError(f"{self!r}: {self.refused} connections refused, wanted {n}")
+
     def cut(self, *, refuse: bool = False) -> int:
         """Reset every current connection abruptly (RST both ways, no MQTT DISCONNECT).
 
@@ -367,6 +378,9 @@ class Proxy:
         if self._refusing:
             log.debug("%r: refusing connection from %s:%s", self, *peer[:2])
             _reset(writer)
+            with self._count_changed:
+                self.refused += 1
+                self._count_changed.notify_all()
             return
         try:
             upstream = await asyncio.wait_for(asyncio.open_connection(*self.upstream), self.connect_timeout)
