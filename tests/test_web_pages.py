@@ -16,6 +16,7 @@ import pytest
 
 from fishim.http.pages import MQTT_BUNDLE
 from fishim.http.tokens import load_secret, make_token
+from fishim.store import Store
 from fishim.testing import free_port
 from fishim.testing.proxy import Proxy
 from tests._http_shop import HttpShop
@@ -42,7 +43,9 @@ PNG = bytes.fromhex(  # a 2x2 teal PNG
     "9c63e4f5eb6160f8cfc0c0c0c0c8c0000013b901a3c6a2b8d10000000049454e44ae426082")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-dev-shm-usage", "--lang=en-US"]
+         "--disable-dev-shm-usage", "--lang=en-US",
+         # a synthetic microphone, allowed without a prompt: the voice-note test records from it
+         "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"]
 
 
 class Browser:
@@ -119,6 +122,13 @@ def console(web: tuple[HttpShop, Proxy]) -> Iterator[Browser]:
         browser.close()
 
 
+def _open_order(console: Browser, order: str) -> None:
+    """Click an order on the board (looked up and clicked in one step: the board redraws as events come)."""
+    console.wait_js("const card = document.querySelector(`.order-card[data-order='${arguments[0]}']`);"
+                    "if (card) card.click(); return !!card && document.getElementById('detail').dataset.order === arguments[0];",
+                    order, what=f"{order} on the board, opened")
+
+
 def _chat_ids(browser: Browser, list_id: str = "chat") -> list[str]:
     return browser.js(f"return [...document.querySelectorAll('#{list_id} > li')].map(li => li.dataset.id)")
 
@@ -137,10 +147,8 @@ def test_customer_page_shows_a_status_change_within_1s(web: tuple[HttpShop, Prox
 
 
 def test_console_chat_line_appears_on_customer_page(customer: Browser, console: Browser) -> None:
-    console.wait(lambda d: d.find_elements(By.CSS_SELECTOR, "[data-order='o-1']"), what="o-1 on the board")
-    console.driver.find_element(By.CSS_SELECTOR, "[data-order='o-1']").click()
-    box = console.wait(lambda d: d.find_element(By.ID, "console-chat-input"))
-    box.send_keys("Your rod is packed, it leaves at 5pm")
+    _open_order(console, "o-1")
+    console.driver.find_element(By.ID, "console-chat-input").send_keys("Your rod is packed, it leaves at 5pm")
     console.driver.find_element(By.ID, "console-send").click()
     customer.wait_js("return [...document.querySelectorAll('#chat li.theirs .text')]"
                      ".some(n => n.textContent === 'Your rod is packed, it leaves at 5pm')", what="the console's line")
@@ -158,6 +166,35 @@ def test_photo_from_customer_page_shows_in_console(customer: Browser, console: B
                            "return img && img.dataset.sha256", what="the photo on the customer page")
     console.wait_js("const img = document.querySelector(`#detail-chat img.chat-photo[data-sha256='${arguments[0]}']`);"
                     "return img && img.complete && img.naturalWidth === 2", sha, what="the photo in the console")
+
+
+def test_voice_note_from_customer_page_plays_in_console(customer: Browser, console: Browser) -> None:
+    customer.driver.find_element(By.ID, "voice-btn").click()
+    customer.wait_js("return document.getElementById('voice-btn').classList.contains('recording')",
+                     what="recording from the (fake) microphone")
+    customer.driver.find_element(By.ID, "voice-btn").click()
+    sha = customer.wait_js("const a = document.querySelector('#chat li.mine audio.chat-voice');"
+                           "return a && a.src.startsWith('blob:') && a.dataset.sha256", what="the voice note sent")
+    console.wait_js("const a = document.querySelector(`#detail-chat audio[data-sha256='${arguments[0]}']`);"
+                    "return a && a.src.startsWith('blob:')", sha, what="the voice note in the console")
+
+
+def test_console_signs_in_staff_and_owner_only(web: tuple[HttpShop, Proxy]) -> None:
+    shop, _ = web
+    browser = Browser(1024, 700)
+    try:
+        browser.driver.get(f"{shop.base}/console")
+        for user, password, words in (("zhang", "pw-zhang", "Only staff and owner"), ("boss", "nope", "Wrong")):
+            for field, value in (("login-user", user), ("login-pass", password)):
+                box = browser.driver.find_element(By.ID, field)
+                box.clear()
+                box.send_keys(value)
+            browser.driver.find_element(By.ID, "login-btn").click()
+            browser.wait_js("return document.getElementById('login-error').textContent.includes(arguments[0])", words,
+                            what=f"the console's answer to {user}")
+            assert browser.js("return document.querySelectorAll('.order-card').length") == 0
+    finally:
+        browser.close()
 
 
 def test_signal_loss_then_every_missed_message_once_in_order(web: tuple[HttpShop, Proxy], customer: Browser) -> None:
@@ -238,9 +275,8 @@ def test_screenshots_for_the_readme(web: tuple[HttpShop, Proxy], console: Browse
                       what="o-7's rider on the sketch")
         phone.driver.find_element(By.ID, "chat-input").send_keys("Please ring twice, the bell is broken")
         phone.driver.find_element(By.ID, "send-btn").click()
-        console.wait(lambda d: d.find_elements(By.CSS_SELECTOR, "[data-order='o-7']"), what="o-7 on the board")
-        console.driver.find_element(By.CSS_SELECTOR, "[data-order='o-7']").click()
-        console.wait(lambda d: d.find_element(By.ID, "console-chat-input")).send_keys("Sure! Rider is 2 minutes away")
+        _open_order(console, "o-7")
+        console.driver.find_element(By.ID, "console-chat-input").send_keys("Sure! Rider is 2 minutes away")
         console.driver.find_element(By.ID, "console-send").click()
         phone.wait_js("return [...document.querySelectorAll('#chat .tick.read')].length > 0", what="read tick")
         assert phone.driver.find_element(By.ID, "arriving").is_displayed()  # 200 m from the drop-off, delivering
@@ -257,3 +293,33 @@ def test_screenshots_for_the_readme(web: tuple[HttpShop, Proxy], console: Browse
         phone.close()
     for name in ("tracking.png", "console.png"):
         assert (DOCS_IMG / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _stored_order(shop: HttpShop, order: str, **expected: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        with Store(shop.db, readonly=True) as store:
+            row = store.get_order(order)
+        if row is not None and all(getattr(row, k) == v for k, v in expected.items()):
+            return
+        assert time.monotonic() < deadline, f"{order} is {row}, expected {expected}"
+        time.sleep(0.05)
+
+
+def test_console_assigns_a_rider_and_cancels(web: tuple[HttpShop, Proxy], console: Browser) -> None:
+    shop, _ = web
+    shop.send("boss", "o-11", "status", retain=True, state="placed", customer="li", items=[{"sku": "rod-3m"}])
+    for state in ("confirmed", "picking", "packed"):
+        shop.send("boss", "o-11", "status", retain=True, state=state)
+    _open_order(console, "o-11")
+    console.wait_js("return document.getElementById('detail-state').dataset.state === 'packed'")
+    console.driver.find_element(By.ID, "assign-input").send_keys("rider7")
+    console.driver.find_element(By.ID, "assign-btn").click()
+    _stored_order(shop, "o-11", state="assigned", rider="rider7")
+    console.wait_js("return document.getElementById('detail-rider').textContent === 'rider7'", what="rider shown")
+    console.wait_js("return [...document.querySelectorAll('.rider[data-rider=rider7] .orders')]"
+                    ".some(n => n.textContent.includes('o-11'))", what="o-11 under rider7")
+    console.driver.find_element(By.ID, "cancel-btn").click()
+    console.driver.switch_to.alert.accept()
+    _stored_order(shop, "o-11", state="cancelled")
+    console.wait_js("return document.querySelector('[data-group=closed] [data-order=o-11]')", what="o-11 closed")

@@ -104,6 +104,7 @@ def create_app(ctx: HttpContext) -> ASGIApp:
         Route("/media/{sha256}", media.download, methods=["GET", "HEAD"]),
         Route("/t/{token}", tracking.page, methods=["GET", "HEAD"]),
         Route("/console", pages.console, methods=["GET", "HEAD"]),
+        Route("/console/me", pages.console_me, methods=["GET"]),
         Route("/web/{name}", pages.asset, methods=["GET", "HEAD"]),
         Route("/api/orders", api.place_order, methods=["POST"]),
         Route("/api/orders/{order}/status", api.change_status, methods=["POST"]),

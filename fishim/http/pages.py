@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import FileResponse, HTMLResponse, Response
+from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
 
 from fishim.config import ListenerConfig
 from fishim.http.context import HttpContext, HttpError
@@ -103,6 +103,24 @@ async def console(request: Request) -> Response:
     config = {"prefix": ctx.config.prefix, "ws_url": url}
     return HTMLResponse(_render("console.html", config),
                         headers={**NO_STORE, "Content-Security-Policy": _csp(url)})
+
+
+STAFF_ROLES = frozenset({"owner", "staff"})
+
+
+async def console_me(request: Request) -> Response:
+    """``GET /console/me`` (HTTP Basic): who the console is about to sign in as. The page asks first so
+    a wrong password or a non-staff account gets a clear answer before any MQTT connection opens."""
+    ctx: HttpContext = request.app.state.fishim
+    if not request.headers.get("authorization", "").lower().startswith("basic "):
+        raise HttpError(401, "unauthorized", "sign in with a staff or owner account (HTTP Basic)")
+    try:
+        principal = await ctx.principal(request)
+    except HttpError as exc:  # no WWW-Authenticate: the browser must not pop its own login dialog
+        raise HttpError(exc.status, exc.code, exc.detail) from None
+    if principal.role not in STAFF_ROLES:
+        raise HttpError(403, "forbidden", "only staff and owner accounts can use the console")
+    return JSONResponse({"user": principal.username, "role": principal.role}, headers=NO_STORE)
 
 
 async def asset(request: Request) -> Response:

@@ -25,7 +25,7 @@
       confirm_cancel: "Cancel this order?", not_staff: "Only staff and owner accounts can use the console",
       bad_login: "Wrong username or password", orders_count: "open orders", no_orders: "no open orders",
       picked: "picked", location: "location", receipt: "read up to", signed_in_as: "Signed in as",
-      confirm: "Confirm", pack: "Packed", picks: "Picks",
+      confirm: "Confirm", pack: "Packed", picks: "Picks", chat_short: "Chat",
     },
     zh: {
       placed: "已下单", confirmed: "已确认", picking: "拣货中", packed: "已打包", assigned: "已分配骑手",
@@ -46,7 +46,7 @@
       confirm_cancel: "确定取消此订单？", not_staff: "只有店员和店主账号可以使用控制台",
       bad_login: "用户名或密码错误", orders_count: "个进行中的订单", no_orders: "没有进行中的订单",
       picked: "已拣", location: "位置", receipt: "已读到", signed_in_as: "当前账号",
-      confirm: "确认", pack: "已打包", picks: "拣货",
+      confirm: "确认", pack: "已打包", picks: "拣货", chat_short: "聊天",
     },
   };
 

@@ -225,10 +225,11 @@
       photo.value = "";
       if (file) sync.publish(o.id, "chat", { text: "", media: [await W.upload(o.id, file, auth)] }).catch(() => {});
     });
+    $("detail").dataset.order = o.id;
     $("detail").replaceChildren(el("div", { class: "detail" },
       el("div", { class: "detail-head", id: "detail-head" }),
       el("div", { class: "detail-grid" },
-        el("div", {}, el("h2", { text: t("chat").replace(/ with the shop|联系店家/, "") || "Chat" }), chat, form),
+        el("div", {}, el("h2", { text: t("chat_short") }), chat, form),
         el("div", {}, el("h2", { text: t("timeline") }), timeline))));
     for (const p of o.chat) appendChat(o, p);
     for (const ev of o.events) appendTimeline(ev);
@@ -281,18 +282,40 @@
     return btoa(String.fromCharCode(...new TextEncoder().encode(text)));
   }
 
-  $("login-form").addEventListener("submit", (e) => {
+  /** Ask the http side who this is first: a wrong password or a customer's account is told so here,
+   * before an MQTT connection opens (the broker would only hand a customer its own orders). */
+  $("login-form").addEventListener("submit", async (e) => {
     e.preventDefault();
     if (sync) sync.stop();
-    me = $("login-user").value.trim();
+    const user = $("login-user").value.trim();
     const password = $("login-pass").value;
-    auth = "Basic " + base64(`${me}:${password}`);
+    const basic = "Basic " + base64(`${user}:${password}`);
     $("login-error").textContent = "";
+    let answer;
+    try {
+      answer = await fetch("/console/me", { headers: { Authorization: basic } });
+    } catch (err) {
+      $("login-error").textContent = t("conn_offline");
+      return;
+    }
+    if (answer.status !== 200) {
+      $("login-error").textContent = t(answer.status === 403 ? "not_staff" : "bad_login");
+      return;
+    }
+    me = user;
+    auth = basic;
     $("me").textContent = `${t("signed_in_as")} ${me}`;
     sync = new FishimSync({ url: cfg.ws_url, username: me, password, prefix: cfg.prefix,
-      onEvent, onState, onPresence, onNotify, onError: (err) => { $("login-error").textContent = err.detail || ""; } });
+      onEvent, onState, onPresence, onNotify, onError: (err) => toast(err.detail || err.error) });
     sync.start();
     window.fishimConsole = { sync, orders, riders };
   });
+
+  /** What fishim refused (errors/{me}): an illegal transition, a bad rider name... */
+  function toast(text) {
+    const n = el("div", { class: "toast", role: "alert", text });
+    document.body.append(n);
+    setTimeout(() => n.remove(), 6000);
+  }
   setInterval(schedule, 30000);  // "late" is a matter of time passing, not only of events
 })();
