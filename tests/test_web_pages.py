@@ -125,7 +125,8 @@ def console(web: tuple[HttpShop, Proxy]) -> Iterator[Browser]:
 def _open_order(console: Browser, order: str) -> None:
     """Click an order on the board (looked up and clicked in one step: the board redraws as events come)."""
     console.wait_js("const card = document.querySelector(`.order-card[data-order='${arguments[0]}']`);"
-                    "if (card) card.click(); return !!card && document.getElementById('detail').dataset.order === arguments[0];",
+                    "if (card) card.click();"
+                    "return !!card && document.getElementById('detail').dataset.order === arguments[0];",
                     order, what=f"{order} on the board, opened")
 
 
