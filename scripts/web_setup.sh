@@ -9,6 +9,12 @@ if [ ! -f "$WEB/node_modules/mqtt/dist/mqtt.min.js" ] || [ "$WEB/package-lock.js
         echo "web_setup: installing mqtt.js from the npm registry" >&2
         (cd "$WEB" && npm ci --no-audit --no-fund --silent) >/tmp/fishim-npm.log 2>&1 \
             || echo "web_setup: npm ci failed (see /tmp/fishim-npm.log); the web pages will say mqtt.js is missing" >&2
+    elif [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "web_setup: installing Debian's npm, then mqtt.js from the npm registry" >&2
+        (apt-get -o DPkg::Lock::Timeout=600 update -qq \
+            && DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq npm \
+            && cd "$WEB" && npm ci --no-audit --no-fund --silent) >/tmp/fishim-npm.log 2>&1 \
+            || echo "web_setup: npm install failed (see /tmp/fishim-npm.log); the web pages will say mqtt.js is missing" >&2
     else
         echo "web_setup: npm missing; the web pages need mqtt.js (apt-get install npm, then rerun)" >&2
     fi

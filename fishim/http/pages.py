@@ -45,14 +45,14 @@ def _csp(ws_url: str) -> str:
             f"frame-ancestors 'none'")
 
 
-def ws_url(ctx: HttpContext, request: Request) -> str:
+def ws_url(ctx: HttpContext, request: Request) -> str | None:
     """Where the pages open MQTT over WebSocket: ``http.ws_url``, else the first ``ws`` listener on the
     host name the page was loaded from (so a phone on the shop's Wi-Fi reaches the same machine)."""
     if ctx.config.http.ws_url:
         return ctx.config.http.ws_url
     listener = next((lst for lst in ctx.config.listeners if lst.type == "ws"), None)
     if listener is None:
-        raise HttpError(503, "no_websocket", "broker.yaml has no ws listener; the web pages need one")
+        return None
     return f"{_scheme(listener)}://{request.url.hostname or listener.host}:{listener.port}/mqtt"
 
 
@@ -68,8 +68,11 @@ def _render(template: str, config: dict[str, Any], extra: str = "") -> str:
 
 
 def live_tracking_page(ctx: HttpContext, request: Request, order: str, user: str, summary: str) -> HTMLResponse:
-    """The customer's page for a valid token; ``summary`` is the server-rendered no-script fallback."""
+    """The customer's page for a valid token; ``summary`` is the server-rendered no-script fallback,
+    and all there is when broker.yaml has no ``ws`` listener to go live over."""
     url = ws_url(ctx, request)
+    if url is None:
+        return _static_page(summary)
     config = {"prefix": ctx.config.prefix, "ws_url": url, "order": order, "user": user}
     return HTMLResponse(_render("track.html", config, summary),
                         headers={**NO_STORE, "Content-Security-Policy": _csp(url)})
@@ -78,6 +81,14 @@ def live_tracking_page(ctx: HttpContext, request: Request, order: str, user: str
 _CLOCK = ("<svg class=big-icon viewBox='0 0 24 24' aria-hidden=true><circle cx=12 cy=12 r=9 fill=none "
           "stroke=currentColor stroke-width=1.6 /><path d='M12 7v5l3 2' fill=none stroke=currentColor "
           "stroke-width=1.6 stroke-linecap=round /></svg>")
+
+
+def _static_page(summary: str) -> HTMLResponse:
+    html = ("<!doctype html><html lang=en><head><meta charset=utf-8><meta name=viewport "
+            "content='width=device-width,initial-scale=1'><title>Order tracking</title>"
+            f"<link rel=stylesheet href=/web/style.css></head><body><main class=track-main><section class=card>"
+            f"{summary}</section></main></body></html>")
+    return HTMLResponse(html, headers={**NO_STORE, "Content-Security-Policy": "default-src 'none'; style-src 'self'"})
 
 
 def refused_page(code: str, title: str, detail: str, status: int) -> HTMLResponse:
@@ -100,6 +111,8 @@ async def console(request: Request) -> Response:
     broker decides (staff and owner accounts see every order, anyone else is turned away by the page)."""
     ctx: HttpContext = request.app.state.fishim
     url = ws_url(ctx, request)
+    if url is None:
+        raise HttpError(503, "no_websocket", "broker.yaml has no ws listener; the console needs one")
     config = {"prefix": ctx.config.prefix, "ws_url": url}
     return HTMLResponse(_render("console.html", config),
                         headers={**NO_STORE, "Content-Security-Policy": _csp(url)})
