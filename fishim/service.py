@@ -33,7 +33,7 @@ from fishim.config import Config
 if TYPE_CHECKING:
     from fishim.auth import OrderAcl, Principal, StoreAuthenticator
     from fishim.broker import EmbeddedBroker
-    from fishim.http import HttpSide
+    from fishim.http.server import HttpSide
     from fishim.store import DeadLetter, Store
 
 log = logging.getLogger("fishim.service")
@@ -227,7 +227,7 @@ def _http_side(config: Config, authenticator: StoreAuthenticator, acl: OrderAcl)
     it. Its hooks (the webhook outbox) join the ingest's transactions, so it is made before the ingest."""
     if not config.webhooks and not any(lst.type == "http" for lst in config.listeners):
         return None
-    from fishim.http import HttpSide
+    from fishim.http.server import HttpSide
 
     return HttpSide(config, authenticator, acl)
 

@@ -190,15 +190,14 @@ class SyncServer:
         """Orders ``user`` may read right now (None: all), intersected with the request's ``orders``."""
         row = conn.execute("SELECT role FROM users WHERE name=?", (user,)).fetchone()
         role = row[0] if row else None
-        tracked = order_of_tracking_user(user) if row is None else None
-        if tracked is not None:  # a tracking link's t-{order} (it logged in with that order's token)
-            allowed = {tracked}
-        elif role in _ALL_ORDERS_ROLES:
+        if role in _ALL_ORDERS_ROLES:
             allowed: set[str] | None = None
         elif role == "rider":
             allowed = _column_orders(conn, "rider", user)
         elif role == "customer":
             allowed = _column_orders(conn, "customer", user)
+        elif role is None and (tracked := order_of_tracking_user(user)) is not None:
+            allowed = {tracked}  # a tracking link's t-{order} (fishim.http.tokens): that order alone
         elif role is None:  # anonymous loopback mode: membership comes from `assigned` / `placed`
             allowed = _column_orders(conn, "rider", user) | _column_orders(conn, "customer", user)
         else:  # scanners (and any role fishim does not know) read no order

@@ -20,6 +20,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from fishim.http.tokens import load_secret, make_token
+from fishim.store import Store
 from fishim.testing.tls import self_signed
 from tests._http_shop import HttpShop
 
@@ -219,11 +220,24 @@ def test_tracking_token_over_mqtt_websocket(shop: HttpShop) -> None:
         with seen["message"]:
             assert seen["message"].wait_for(lambda: any(p.get("id") == marker for _, p in seen["messages"]), 10)
         assert all("/o-1/" in topic for topic, _ in seen["messages"])
+        # a sync replays its order's events and nothing of any other order
+        seen["suback"].clear()
+        client.subscribe([("fishim/sync/t-o-1/page1/events", 1)])
+        assert seen["suback"].wait(10) and seen["granted"] == [1]
+        client.publish("fishim/sync/t-o-1/page1/request", json.dumps({"since": 0}), 1)
+        with seen["message"]:
+            assert seen["message"].wait_for(lambda: any(t.endswith("/events") for t, _ in seen["messages"]), 10)
+        page = next(p for t, p in seen["messages"] if t.endswith("/events"))
+        assert {e["topic"].split("/")[2] for e in page["events"]} == {"o-1"}
         # the customer's rights: it may chat on its order as itself, not on another order
+        client.publish("fishim/orders/o-2/chat/t-o-1", json.dumps(
+            {"id": "track-chat-other", "ts": 1794366000000, "sender": "t-o-1", "text": "not mine"}), 1)
         info = client.publish("fishim/orders/o-1/chat/t-o-1", json.dumps(
             {"id": "track-chat-1", "ts": 1794366000000, "sender": "t-o-1", "text": "hi from the link"}), 1)
         info.wait_for_publish(10)
-        shop.wait_stored("track-chat-1")
+        shop.wait_stored("track-chat-1")  # published after the other order's chat: that one was decided
+        with Store(shop.db, readonly=True) as store:
+            assert not store.has_event("track-chat-other")
     finally:
         client.loop_stop()
         client.disconnect()

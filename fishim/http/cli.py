@@ -95,7 +95,12 @@ def keys_remove(ctx: Ctx, name: str) -> None:
 
 @click.group()
 def media() -> None:
-    """Uploaded photos, voice notes and videos (kept under <db>.media/)."""
+    """Uploaded photos, voice notes and videos (kept under <db>.media/).
+
+    \b
+    Example:
+      fishim media gc --min-age 2h
+    """
 
 
 @media.command("gc")
