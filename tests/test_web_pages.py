@@ -143,6 +143,7 @@ def test_customer_page_shows_a_status_change_within_1s(web: tuple[HttpShop, Prox
     rendered_ms = float(customer.js("return document.getElementById('state').dataset.renderedAt"))
     assert customer.driver.find_element(By.ID, "state").text == "Confirmed"
     assert rendered_ms - published_ms < 1000, f"shown {rendered_ms - published_ms:.0f} ms after its publish"
+    print(f"status on the customer page {rendered_ms - published_ms:.0f} ms after its publish")
     timeline = customer.js("return [...document.querySelectorAll('#timeline li')].map(li => li.dataset.state)")
     assert timeline == ["confirmed", "placed"]
 
@@ -235,35 +236,40 @@ def test_expired_and_revoked_links_show_no_order_data(web: tuple[HttpShop, Proxy
 
 
 def _demo_orders(shop: HttpShop) -> None:
-    """A busy afternoon for the screenshots: every state, a late order, a waiting customer, a rider nearby."""
+    """A busy afternoon for the screenshots: every state, a late order, a waiting customer, a rider nearby.
+    Times are spread over the last hour (the envelope's ``ts`` is the client's)."""
     items = [{"sku": "rod-3m", "qty": 1, "name": "Carbon rod 3 m"},
              {"sku": "reel-2500", "qty": 1, "name": "Spinning reel 2500"},
              {"sku": "line-pe2", "qty": 2, "name": "PE braid 2.0, 150 m"}]
     drop = {"lat": 30.2741, "lon": 120.1551}
     now = int(time.time() * 1000)
+
+    def ago(minutes: float) -> int:
+        return now - int(minutes * 60_000)
+
     shop.send("boss", "o-7", "status", retain=True, state="placed", customer="zhang", items=items, dropoff=drop,
-              eta=now + 25 * 60_000)
-    for state in ("confirmed", "picking", "packed"):
-        shop.send("boss", "o-7", "status", retain=True, state=state)
-    shop.send("boss", "o-7", "status", retain=True, state="assigned", rider="rider7", note="Li Wei, e-bike")
+              eta=now + 8 * 60_000, ts=ago(52))
+    for minutes, state in ((49, "confirmed"), (41, "picking"), (34, "packed")):
+        shop.send("boss", "o-7", "status", retain=True, state=state, ts=ago(minutes))
+    shop.send("boss", "o-7", "status", retain=True, state="assigned", rider="rider7", note="Li Wei, e-bike", ts=ago(27))
     track = [(30.2828, 120.1419), (30.2812, 120.1447), (30.2796, 120.1470), (30.2781, 120.1492),
              (30.2770, 120.1510), (30.2757, 120.1528), (30.2749, 120.1541)]
-    shop.send("rider7", "o-7", "status", retain=True, state="picked_up")
-    for lat, lon in track[:3]:
-        shop.send("rider7", "o-7", "location", retain=True, lat=lat, lon=lon, accuracy_m=6)
-    shop.send("rider7", "o-7", "status", retain=True, state="delivering")
-    for lat, lon in track[3:]:
-        shop.send("rider7", "o-7", "location", retain=True, lat=lat, lon=lon, accuracy_m=5)
+    shop.send("rider7", "o-7", "status", retain=True, state="picked_up", note="on the way", ts=ago(16))
+    for i, (lat, lon) in enumerate(track[:3]):
+        shop.send("rider7", "o-7", "location", retain=True, lat=lat, lon=lon, accuracy_m=6, ts=ago(15 - i * 2))
+    shop.send("rider7", "o-7", "status", retain=True, state="delivering", ts=ago(9))
+    for i, (lat, lon) in enumerate(track[3:]):
+        shop.send("rider7", "o-7", "location", retain=True, lat=lat, lon=lon, accuracy_m=5, ts=ago(8 - i * 2))
     shop.send("boss", "o-8", "status", retain=True, state="placed", customer="li",
-              items=[{"sku": "lure-set", "qty": 1, "name": "Lure set"}], eta=now - 12 * 60_000)
-    shop.send("boss", "o-8", "status", retain=True, state="confirmed")
-    shop.send("li", "o-8", "chat", text="Is my order on its way?")
+              items=[{"sku": "lure-set", "qty": 1, "name": "Lure set"}], eta=ago(12), ts=ago(70))
+    shop.send("boss", "o-8", "status", retain=True, state="confirmed", ts=ago(66))
+    shop.send("li", "o-8", "chat", text="Is my order on its way?", ts=ago(6))
     shop.send("boss", "o-9", "status", retain=True, state="placed", customer="zhang",
-              items=[{"sku": "hooks-8", "qty": 3, "name": "Hooks #8"}])
+              items=[{"sku": "hooks-8", "qty": 3, "name": "Hooks #8"}], ts=ago(3))
     shop.send("boss", "o-10", "status", retain=True, state="placed", customer="li",
-              items=[{"sku": "net-2m", "qty": 1, "name": "Landing net 2 m"}])
-    for state in ("confirmed", "picking", "packed"):
-        shop.send("boss", "o-10", "status", retain=True, state=state)
+              items=[{"sku": "net-2m", "qty": 1, "name": "Landing net 2 m"}], ts=ago(40))
+    for minutes, state in ((38, "confirmed"), (30, "picking"), (22, "packed")):
+        shop.send("boss", "o-10", "status", retain=True, state=state, ts=ago(minutes))
 
 
 def test_screenshots_for_the_readme(web: tuple[HttpShop, Proxy], console: Browser) -> None:

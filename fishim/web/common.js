@@ -18,7 +18,7 @@
       upload_failed: "Could not send the file", mic_denied: "The microphone is not available",
       // console
       sign_in: "Sign in", username: "Username", password: "Password", shop_console: "Shop console",
-      attention: "Needs attention", open_orders: "Open orders", closed: "Closed today", riders: "Riders",
+      attention: "Needs attention", open_orders: "Open orders", closed: "Closed", riders: "Riders",
       assign: "Assign", reassign: "Reassign", cancel_order: "Cancel order", rider_name: "rider",
       late: "late", waiting: "customer waiting", no_rider: "no rider", alert: "alert",
       select_order: "Select an order", timeline: "Timeline", customer: "Customer", none: "—",

@@ -63,7 +63,8 @@
     else $("chat").append(node);
     p.node = node;
     updateTicks();
-    node.scrollIntoView({ block: "nearest" });
+    const list = $("chat");
+    list.scrollTop = list.scrollHeight;  // the list scrolls, never the page under the customer's thumb
   }
 
   function onFix(p) {
@@ -187,7 +188,9 @@
     const ringStep = [100, 250, 500, 1000, 2000, 5000, 10000].find((s) => s * scale >= 28) || 20000;
     for (let r = ringStep, i = 0; r * scale < 200 && i < 6; r += ringStep, i += 1) {
       svg.append(node("circle", { cx: 160, cy: 110, r: r * scale, class: "ring" }));
-      const label = node("text", { x: 160 + r * scale * 0.71 + 3, y: 110 - r * scale * 0.71 - 3, class: "ring-label" });
+      const ly = 110 - r * scale * 0.71 - 3;
+      if (ly < 12) continue;  // a ring whose label would leave the sketch keeps its line only
+      const label = node("text", { x: 160 + r * scale * 0.71 + 3, y: ly, class: "ring-label" });
       label.textContent = distanceText(r);
       svg.append(label);
     }
