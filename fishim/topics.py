@@ -123,10 +123,6 @@ class Topics:
     def errors(self, user: str) -> str:
         return f"{self.prefix}/errors/{user}"
 
-    def system(self, name: str) -> str:
-        """Service-only topics (e.g. membership changes the broker's ACL listens to)."""
-        return f"{self.prefix}/system/{name}"
-
     @property
     def all_orders(self) -> str:
         return f"{self.prefix}/orders/#"

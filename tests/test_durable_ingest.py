@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
+import socket
 import threading
 from collections.abc import Iterator
 from contextlib import closing
@@ -28,11 +30,27 @@ ORDERS = 30
 KILLS = 3
 
 
+def port_below_ephemeral_range() -> int:
+    """A free port outside the kernel's ephemeral range: a client that keeps dialling a port nobody
+    listens on yet could otherwise be handed that very port as its own source port and connect to
+    itself (TCP simultaneous open), taking the port from the server about to bind it."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(200):
+        port = random.randrange(max(1024, low - 12_000), low)
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    return free_port()
+
+
 class UpProc:
     """``python -m fishim up`` on one port and store, restartable, killable as a process group."""
 
     def __init__(self, tmp: Path) -> None:
-        self.tmp, self.db, self.port = tmp, tmp / "shop.db", free_port()
+        self.tmp, self.db, self.port = tmp, tmp / "shop.db", port_below_ephemeral_range()
         self.proc: Proc | None = None
 
     def start(self) -> Proc:

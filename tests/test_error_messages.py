@@ -20,10 +20,7 @@ from fishim.testing.stack import Stack
 
 E1 = "fishim/orders/E1"
 E2 = "fishim/orders/E2"
-OVERSIZE = ("the broker refuses an oversize publish from its topic alone (fishim/broker/wire.py reads no payload), "
-            "so there is no id to peek: it needs the payload's first bytes passed to the ingest")
 USERS = {"shop": "staff", "cust1": "customer", "rider1": "rider", "scan1": "scanner"}
-
 
 def env(ident: str, sender: str, **fields: Any) -> bytes:
     return json.dumps({"id": ident, "ts": 1794366000000, "sender": sender, **fields}).encode()
@@ -139,7 +136,6 @@ def test_the_sender_is_told_exactly(shop: Shop, user: str, topic: str, payload: 
             assert (store.get_event(ident) is not None) is stored
 
 
-@pytest.mark.xfail(strict=True, reason=OVERSIZE)
 def test_an_oversize_message_is_refused_with_its_id(shop: Shop) -> None:
     """The broker drops the connection of an oversize publish; another session of the user hears why."""
     stack, clients, passwords = shop

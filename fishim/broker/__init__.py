@@ -171,9 +171,9 @@ class EmbeddedBroker:
             raise RuntimeError("broker runs without an ingest (fishim broker): nothing to submit to")
         if not self.authorizer.may_publish(principal, topic):
             rejected = Rejected(ErrorCode.FORBIDDEN, f"not allowed to publish to {topic}")
-            future = core.submit(Inbound(topic, payload, principal.username, rejected), 1)
+            future = core.wait_for(Inbound(topic, payload, principal.username, rejected))
         else:
-            future = core.submit(Inbound(topic, payload, bound_user(principal, self.config.bridge.username)), 1)
+            future = core.wait_for(Inbound(topic, payload, bound_user(principal, self.config.bridge.username)))
         return Verdict.of(await future)
 
     def stop_accepting(self) -> None:

@@ -27,7 +27,7 @@ import logging
 import ssl
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import websockets
 from amqtt.adapters import ReaderAdapter, StreamWriterAdapter, WebSocketsWriter, WriterAdapter
@@ -80,6 +80,42 @@ _TEARDOWN_TIMEOUT = 5.0
 _CONNECTION_ERRORS = (OSError, ConnectionClosed, ProtocolHandlerError, AMQTTError, MQTTError)
 
 
+class Pending(Protocol):
+    """What waits for an ingested message's COMMIT: settled once, on the loop, with its result."""
+
+    qos: int
+
+    def settle(self, result: Result | None, acks: dict[FishimHandler, list[bytes]]) -> None: ...
+
+
+@dataclass(slots=True)
+class PubAck:
+    """A client's QoS 0/1 PUBLISH: its PUBACK (if QoS 1) joins the batch's acks for its connection;
+    not committed (None) closes the connection, so the client sends it again."""
+
+    handler: FishimHandler
+    packet_id: int | None
+    qos: int
+
+    def settle(self, result: Result | None, acks: dict[FishimHandler, list[bytes]]) -> None:
+        if result is None:
+            self.handler.core.background(self.handler.handle_connection_closed())
+        elif self.packet_id is not None:
+            acks.setdefault(self.handler, []).append(b"\x40\x02" + self.packet_id.to_bytes(2, "big"))
+
+
+@dataclass(slots=True)
+class Waiter:
+    """Someone awaits the result (the HTTP API through ``EmbeddedBroker.submit``, inbound QoS 2)."""
+
+    future: asyncio.Future[Result | None]
+    qos: int
+
+    def settle(self, result: Result | None, acks: dict[FishimHandler, list[bytes]]) -> None:
+        if not self.future.done():
+            self.future.set_result(result)
+
+
 class ListenerError(OSError):
     """A listener could not be opened (port taken, bad certificate); ``str()`` is one line."""
 
@@ -129,18 +165,16 @@ class FishimHandler(BrokerProtocolHandler):
         session, header = self.session, publish_packet.variable_header
         if session is None or header is None or publish_packet.data is None:
             return
+        packet_id = header.packet_id if qos == QOS_1 else None
         try:
-            committed = self.core.accept_publish(session, header.topic_name, publish_packet.data, qos,
-                                                 publish_packet.retain_flag)
-            stored = committed is None or await committed is not None
+            pending = self.core.accept_publish(session, header.topic_name, publish_packet.data, qos,
+                                               publish_packet.retain_flag, PubAck(self, packet_id, qos))
         except Exception:
             log.exception("publish_failed %s", kv(client_id=session.client_id, topic=header.topic_name))
-            stored = False
-        if not stored:  # no PUBACK: the client sends it again on reconnect
-            await self.handle_connection_closed()
+            await self.handle_connection_closed()  # no PUBACK: the client sends it again on reconnect
             return
-        if qos == QOS_1 and header.packet_id is not None:
-            await self.send_raw(b"\x40\x02" + header.packet_id.to_bytes(2, "big"))
+        if not pending and packet_id is not None:  # routed at once: acknowledge now
+            await self.send_raw(b"\x40\x02" + packet_id.to_bytes(2, "big"))
 
     async def handle_puback(self, puback: PubackPacket) -> None:
         if self.session is not None and puback.variable_header is not None:
@@ -350,7 +384,7 @@ class FishimBroker(Broker):
         handler.attach(session, guard, writer)
         session.transitions.connect()
         self._sessions[request.client_id] = (session, handler)  # no await since _claim_session: no race
-        guard.on_oversize = lambda topic, _size: self._notify_refused(principal, topic, "too_large")
+        guard.on_oversize = lambda topic, _size, head: self._notify_refused(principal, topic, "too_large", head)
         await handler.send_raw(connack(present, 0))
         grace = self.fishim_config.broker.keepalive_grace
         guard.watch(request.keepalive * grace if request.keepalive else None)
@@ -490,45 +524,56 @@ class FishimBroker(Broker):
     # -- publish and routing -----------------------------------------------------------------
 
     def accept_publish(self, session: Session, topic: str, data: bytes | bytearray, qos: int,
-                       retain: bool) -> asyncio.Future[Result | None] | None:
+                       retain: bool, tag: Pending | None = None) -> bool:
         """A client's PUBLISH: ACL check, then ingest (order tree) or route. Refusals are reported.
 
         With an ingest, a message on the order tree (or a sync request) is only routed once it is
-        committed; the returned future resolves then (None: not committed, do not PUBACK). Other
-        topics under the prefix are fishim's own (errors, presence, notify, system, sync events):
-        only the broker publishes there. Without an ingest (``fishim broker``), everything the ACL
-        allows is routed at once and None is returned.
+        committed, and ``tag`` is settled then (the PUBACK); True is returned. Other topics under
+        the prefix are fishim's own (errors, presence, notify, system, sync events): only the broker
+        publishes there. Without an ingest (``fishim broker``), or outside the prefix, what the ACL
+        allows is routed at once and False is returned: the caller acknowledges it.
         """
         principal = state_of(session).principal
         if topic.startswith("$") or not self.authorizer.may_publish(principal, topic):
-            return self._refuse_publish(session, principal, topic, bytes(data), "not allowed to publish")
+            return self._refuse_publish(session, principal, topic, bytes(data), "not allowed to publish", tag)
         payload = bytes(data)
         if self.ingest is None or not topic.startswith(self._head):
             self.route(topic, payload, qos)
             if retain and self._retainable(topic):
                 self.store_retained(topic, payload, qos)
-            return None
+            return False
         if not (topic.startswith(self._orders_head) or topic.endswith("/request")):
-            return self._refuse_publish(session, principal, topic, payload, "only fishim publishes")
-        return self.submit(Inbound(topic, payload, bound_user(principal, self._service_user)), qos)
+            return self._refuse_publish(session, principal, topic, payload, "only fishim publishes", tag)
+        return self.submit(Inbound(topic, payload, bound_user(principal, self._service_user), tag=tag))
 
     def _refuse_publish(self, session: Session, principal: Principal, topic: str, payload: bytes,
-                        why: str) -> asyncio.Future[Result | None] | None:
+                        why: str, tag: Pending | None) -> bool:
         log.info("publish_refused %s", kv(client_id=session.client_id, user=principal.username,
                                           topic=topic, reason="forbidden"))
         if self.ingest is None:
             self._notify_refused(principal, topic, "forbidden")
-            return None
+            return False
         refusal = Rejected(ErrorCode.FORBIDDEN, f"{why} to {topic}")
-        return self.submit(Inbound(topic, payload, principal.username, refusal), 0)
+        return self.submit(Inbound(topic, payload, principal.username, refusal, tag=tag))
 
-    def submit(self, inbound: Inbound, qos: int) -> asyncio.Future[Result | None]:
-        """Hand one message to the ingest; the future resolves after its COMMIT (see :meth:`committed`)."""
-        future: asyncio.Future[Result | None] = self._loop.create_future()
-        inbound.tag = (future, qos)
+    def submit(self, inbound: Inbound) -> bool:
+        """Hand one message to the ingest; its tag is settled after its COMMIT (:meth:`committed`).
+
+        While shutting down the ingest takes nothing: the tag is settled with None at once (no
+        PUBACK, the connection is closed, the client sends it again to the next broker).
+        """
         assert self.ingest is not None
-        if not self.ingest.submit(inbound):  # shutting down: no PUBACK, the client sends it again
-            future.set_result(None)
+        if not self.ingest.submit(inbound):
+            acks: dict[FishimHandler, list[bytes]] = {}
+            if inbound.tag is not None:
+                inbound.tag.settle(None, acks)
+        return True
+
+    def wait_for(self, inbound: Inbound, qos: int = QOS_1) -> asyncio.Future[Result | None]:
+        """Submit ``inbound`` and return a future for its result (None: not committed)."""
+        future: asyncio.Future[Result | None] = self._loop.create_future()
+        inbound.tag = Waiter(future, qos)
+        self.submit(inbound)
         return future
 
     def committed(self, batch: list[Inbound], work: Work) -> None:
@@ -536,22 +581,28 @@ class FishimBroker(Broker):
 
         Membership changes reach the ACL before anything of the batch is routed, so a newly assigned
         rider receives the ``assigned`` status itself, and a rider assigned away nothing after it.
+        The batch's PUBACKs go out together, one write per connection.
         """
         if self._set_members is not None:
             for order in work.membership.values():
                 self._set_members(order.id, order.customer, order.rider)
+        acks: dict[FishimHandler, list[bytes]] = {}
         if len(work.results) != len(batch):  # not committed (stopping with the store unavailable)
             for m in batch:
-                _resolve(m, None)
+                if m.tag is not None:
+                    m.tag.settle(None, acks)
             return
         for m, result in zip(batch, work.results, strict=True):
             self._deliver(m, result)
-            _resolve(m, result)
+            if m.tag is not None:
+                m.tag.settle(result, acks)
+        for handler, packets in acks.items():
+            self.background(handler.send_raw(b"".join(packets)))
 
     def _deliver(self, m: Inbound, result: Result) -> None:
         """Route one committed result: its events (stamped), the sender's error, or a sync reply."""
         if result.kind is Kind.STORED:
-            qos = m.tag[1] if m.tag else QOS_1
+            qos = m.tag.qos if m.tag is not None else QOS_1
             for event in result.events:
                 self.route(event.topic, event.payload, qos)
                 if event.ref.retained:
@@ -560,7 +611,7 @@ class FishimBroker(Broker):
         if result.error is not None and result.error_to is not None:  # a refusal, or a stored one's warning
             self.route(f"{self._head}errors/{result.error_to}", result.error_payload, QOS_1)
         if result.kind is Kind.SYNC and self.sync is not None and result.ref is not None:
-            self._background_task(self._answer_sync(result.ref, m.payload))
+            self.background(self._answer_sync(result.ref, m.payload))
         elif result.kind is Kind.CLEARED and m.user is not None:
             error = ErrorMessage(topic=m.topic, error=ErrorCode.BAD_JSON, ts=now_ms(),
                                  detail="an empty payload cannot clear an order's retained state")
@@ -571,7 +622,8 @@ class FishimBroker(Broker):
         for topic, page in await self.sync.answer(ref, payload):
             self.route(topic, page, QOS_1)
 
-    def _background_task(self, coro: Any) -> None:
+    def background(self, coro: Any) -> None:
+        """Run ``coro`` as a task the broker keeps (and cancels at shutdown); failures are logged."""
         future = asyncio.ensure_future(coro)
         self._background.add(future)
         future.add_done_callback(self._background_done)
@@ -656,12 +708,12 @@ class FishimBroker(Broker):
             found = self._match_cache[topic] = [f for f in self._subscriptions if matches(topic, f)]
         return found
 
-    def _notify_refused(self, principal: Principal, topic: str, reason: str) -> None:
+    def _notify_refused(self, principal: Principal, topic: str, reason: str, head: bytes = b"") -> None:
         """Tell the ingest (dead letter + error), else call ``on_refused``; never raises."""
         if self.ingest is not None:
             code, detail = ((ErrorCode.TOO_LARGE, f"payload over limits.max_payload ({self.limits.max_payload} "
                              "bytes)") if reason == "too_large" else (ErrorCode.FORBIDDEN, f"not allowed to {topic}"))
-            self.submit(Inbound(topic, b"", principal.username, Rejected(code, detail)), 0)
+            self.submit(Inbound(topic, head, principal.username, Rejected(code, detail)))
             return
         if self.on_refused is None:
             return
@@ -699,10 +751,10 @@ class FishimBroker(Broker):
         """amqtt hook, reached only by inbound QoS 2 (QoS 0/1 are routed in FishimHandler)."""
         message = wait_deliver.result()
         if message is not None:
-            committed = self.accept_publish(client_session, message.topic, message.data, message.qos or 0,
-                                            message.retain)
-            if committed is not None:
-                await committed
+            future: asyncio.Future[Result | None] = self._loop.create_future()
+            if self.accept_publish(client_session, message.topic, message.data, message.qos or 0, message.retain,
+                                   Waiter(future, QOS_1)):
+                await future
         return True
 
     async def _topic_filtering(self, session: Session, topic: str, action: Action) -> bool:
@@ -806,11 +858,6 @@ def bound_user(principal: Principal, service_user: str) -> str | None:
     if principal.anonymous or principal.role == "service" or principal.username == service_user:
         return None
     return principal.username
-
-
-def _resolve(m: Inbound, result: Result | None) -> None:
-    if m.tag is not None and not m.tag[0].done():
-        m.tag[0].set_result(result)
 
 
 def _valid_filter(topic_filter: str) -> bool:

@@ -68,13 +68,17 @@ class Violation(Exception):
     """A packet MQTT 3.1.1 calls malformed or a protocol violation: the connection is closed."""
 
 
+_OVERSIZE_HEAD = 1024  # bytes of an oversize payload read to find its envelope id
+
+
 class Oversize(Violation):
     """A PUBLISH whose payload is over ``limits.max_payload``; refused by closing the connection."""
 
-    def __init__(self, topic: str, size: int) -> None:
+    def __init__(self, topic: str, size: int, head: bytes = b"") -> None:
         super().__init__(f"payload of {size} bytes over the limit")
         self.topic = topic
         self.size = size
+        self.head = head  # the payload's first bytes: enough to name the envelope id in the refusal
 
 
 class ConnectRefused(Exception):
@@ -269,7 +273,7 @@ class GuardedReader(ReaderAdapter):
         self.peer = peer
         self.client_id: str | None = None
         self.close_reason: str | None = None
-        self.on_oversize: Callable[[str, int], None] | None = None
+        self.on_oversize: Callable[[str, int, bytes], None] | None = None
         self.finished = asyncio.Event()
         """Set by :meth:`close`: the broker is done with this connection (a takeover waits for it)."""
 
@@ -360,7 +364,7 @@ class GuardedReader(ReaderAdapter):
                                                    reason="too_large", size=exc.size,
                                                    limit=self._limits.max_payload))
             if self.on_oversize is not None:
-                self.on_oversize(exc.topic, exc.size)
+                self.on_oversize(exc.topic, exc.size, exc.head)
             self.abort("too_large")
             return False
         except Violation as exc:
@@ -390,7 +394,7 @@ class GuardedReader(ReaderAdapter):
             if shift > 21:
                 raise Violation("remaining length over 4 bytes")
         if ptype == PUBLISH and length > self._max_publish:
-            raise await self._oversize(length)
+            raise await self._oversize(length, flags)
         if ptype != PUBLISH and length > _MAX_CONTROL_PACKET + self._limits.max_payload:
             raise Violation(f"packet type {ptype} of {length} bytes")
         body = await self._take(length) if length else b""
@@ -398,13 +402,17 @@ class GuardedReader(ReaderAdapter):
         self._last_packet = self._loop.time()
         return ptype, flags, body
 
-    async def _oversize(self, length: int) -> Violation:
-        """Name the topic of an oversize PUBLISH (for the refusal) without reading its payload."""
+    async def _oversize(self, length: int, flags: int) -> Violation:
+        """Name the topic of an oversize PUBLISH and keep the payload's first bytes (for the envelope
+        id in the refusal), without reading the rest of it."""
         topic_length = int.from_bytes(await self._take(2), "big")
         if topic_length > self._limits.max_topic_length:
             return Violation(f"topic longer than {self._limits.max_topic_length} bytes")
         topic = _text(await self._take(topic_length), "topic")
-        return Oversize(topic, length - 2 - topic_length)
+        rest = length - 2 - topic_length
+        packet_id = 2 if (flags >> 1) & 3 else 0
+        head = await self._take(min(rest, packet_id + _OVERSIZE_HEAD))
+        return Oversize(topic, rest - packet_id, head[packet_id:])
 
     async def _take(self, n: int) -> bytes:
         """Exactly ``n`` bytes from the socket, or EOFError."""
