@@ -91,7 +91,11 @@ def receiver() -> Iterator[Receiver]:
 
 
 def test_webhook_reaches_receiver_signed(tmp_path: Path, receiver: Receiver) -> None:
-    shop = HttpShop(tmp_path / "shop.db", _config(f"http://127.0.0.1:{receiver.port}/hook")).start()
+    config = _config(f"http://127.0.0.1:{receiver.port}/hook")
+    dead = f"http://127.0.0.1:{free_port()}/nobody"  # a second receiver that never answers: given up
+    config["webhooks"].append({"url": dead, "events": ["status"], "secret": SECRET, "backoff_s": 0.1,
+                               "max_attempts": 2})
+    shop = HttpShop(tmp_path / "shop.db", config).start()
     try:
         shop.place("o-w1", "zhang")
         chat = shop.send("zhang", "o-w1", "chat", text="before 6pm?")
@@ -103,6 +107,9 @@ def test_webhook_reaches_receiver_signed(tmp_path: Path, receiver: Receiver) -> 
         receiver.wait_for(lambda b: b["event"] == "chat" and b["payload"]["id"] == chat)
         rows = wait_rows(shop, lambda rows: {r["event"] for r in rows if r["state"] == "delivered"} >= {"status",
                                                                                                         "chat"})
+        rows = wait_rows(shop, lambda rows: any(r["url"] == dead and r["state"] == "failed" for r in rows))
+        given_up = next(r for r in rows if r["url"] == dead)
+        assert given_up["attempts"] == 2 and given_up["last_error"]
         assert SECRET not in json.dumps(rows) and SECRET not in shop.stack.log_text()
 
         # the per-address request limit (5 a minute here): the 6th request is refused

@@ -69,6 +69,8 @@ def keys_list(ctx: Ctx, as_json: bool) -> None:
     if as_json:
         emit_json(rows)
         return
+    if not rows:
+        click.echo("no API keys (fishim keys add NAME)")
     for row in rows:
         used = _when(row["last_used_at"]) if row["last_used_at"] else "never"
         click.echo(f"{row['name']:<24} created {_when(row['created_at'])}  last used {used}")

@@ -75,7 +75,8 @@ class HttpSide:
                 await self._serve(listener, ctx)
         except OSError as exc:
             await self.stop()
-            raise ListenerError(f"listener {listener.name}: {exc.strerror or exc}") from None
+            raise ListenerError(f"listener {listener.name}: cannot listen on {listener.bind}: "
+                                f"{exc.strerror or exc}") from None
         if self.config.webhooks:
             from fishim.http.webhooks import Dispatcher
 
