@@ -1,10 +1,11 @@
 """The web pages in a real browser: Debian's headless chromium (selenium + chromium-driver) against a
 real ``fishim up`` (tcp + ws + http listeners), the customer page's WebSocket through the
-signal-loss proxy. Screenshots for the README are written to docs/img/ by the last test.
+signal-loss proxy. The screenshot test refreshes docs/img/ (the README's) with FISHIM_SCREENSHOTS=1.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import time
@@ -36,6 +37,8 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.remote.webdriver import WebDriver  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
+# Screenshots go to docs/img (the README shows them) when FISHIM_SCREENSHOTS=1, else to a temporary
+# directory: an ordinary test run leaves the working tree as it was.
 DOCS_IMG = Path(__file__).resolve().parent.parent / "docs" / "img"
 WAIT_S = 15
 PNG = bytes.fromhex(  # a 2x2 teal PNG
@@ -272,8 +275,9 @@ def _demo_orders(shop: HttpShop) -> None:
         shop.send("boss", "o-10", "status", retain=True, state=state, ts=ago(minutes))
 
 
-def test_screenshots_for_the_readme(web: tuple[HttpShop, Proxy], console: Browser) -> None:
+def test_screenshots_for_the_readme(web: tuple[HttpShop, Proxy], console: Browser, tmp_path: Path) -> None:
     shop, _ = web
+    out = DOCS_IMG if os.environ.get("FISHIM_SCREENSHOTS") == "1" else tmp_path
     _demo_orders(shop)
     phone = Browser(390, 1400)
     try:
@@ -288,18 +292,18 @@ def test_screenshots_for_the_readme(web: tuple[HttpShop, Proxy], console: Browse
         phone.wait_js("return [...document.querySelectorAll('#chat .tick.read')].length > 0", what="read tick")
         assert phone.driver.find_element(By.ID, "arriving").is_displayed()  # 200 m from the drop-off, delivering
         assert "Spinning reel 2500" in phone.driver.find_element(By.ID, "items").text
-        DOCS_IMG.mkdir(parents=True, exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
         phone.js("window.scrollTo(0, 0)")
-        phone.driver.save_screenshot(str(DOCS_IMG / "tracking.png"))
+        phone.driver.save_screenshot(str(out / "tracking.png"))
         console.wait_js("return document.querySelector('[data-group=attention] [data-order=o-8]')",
                         what="the late order first")
-        console.driver.save_screenshot(str(DOCS_IMG / "console.png"))
+        console.driver.save_screenshot(str(out / "console.png"))
         phone.driver.get(shop.link("o-7")["url"] + "?lang=zh")
         phone.wait_js("return document.getElementById('state').textContent === '配送中'", what="Chinese page")
     finally:
         phone.close()
     for name in ("tracking.png", "console.png"):
-        assert (DOCS_IMG / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def _stored_order(shop: HttpShop, order: str, **expected: str) -> None:
