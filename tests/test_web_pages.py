@@ -78,6 +78,12 @@ class Browser:
         finally:
             shutil.rmtree(self.profile, ignore_errors=True)
 
+    def __enter__(self) -> Browser:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 @pytest.fixture(scope="module")
 def web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[HttpShop, Proxy]]:
@@ -100,29 +106,23 @@ def web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[HttpShop, Pr
 def customer(web: tuple[HttpShop, Proxy]) -> Iterator[Browser]:
     """The customer's phone on o-1's tracking page, live."""
     shop, _ = web
-    browser = Browser(390, 844)
-    try:
+    with Browser(390, 844) as browser:
         browser.driver.get(shop.link("o-1")["url"])
         browser.wait_js("return document.body.dataset.conn === 'online'", what="tracking page online")
         yield browser
-    finally:
-        browser.close()
 
 
 @pytest.fixture(scope="module")
 def console(web: tuple[HttpShop, Proxy]) -> Iterator[Browser]:
     """The owner signed in on the console."""
     shop, _ = web
-    browser = Browser(1280, 800)
-    try:
+    with Browser(1280, 800) as browser:
         browser.driver.get(f"{shop.base}/console")
         browser.driver.find_element(By.ID, "login-user").send_keys("boss")
         browser.driver.find_element(By.ID, "login-pass").send_keys("pw-boss")
         browser.driver.find_element(By.ID, "login-btn").click()
         browser.wait_js("return document.body.dataset.conn === 'online'", what="console online")
         yield browser
-    finally:
-        browser.close()
 
 
 def _open_order(console: Browser, order: str) -> None:
@@ -186,8 +186,7 @@ def test_voice_note_from_customer_page_plays_in_console(customer: Browser, conso
 
 def test_console_signs_in_staff_and_owner_only(web: tuple[HttpShop, Proxy]) -> None:
     shop, _ = web
-    browser = Browser(1024, 700)
-    try:
+    with Browser(1024, 700) as browser:
         browser.driver.get(f"{shop.base}/console")
         for user, password, words in (("zhang", "pw-zhang", "Only staff and owner"), ("boss", "nope", "Wrong")):
             for field, value in (("login-user", user), ("login-pass", password)):
@@ -198,8 +197,6 @@ def test_console_signs_in_staff_and_owner_only(web: tuple[HttpShop, Proxy]) -> N
             browser.wait_js("return document.getElementById('login-error').textContent.includes(arguments[0])", words,
                             what=f"the console's answer to {user}")
             assert browser.js("return document.querySelectorAll('.order-card').length") == 0
-    finally:
-        browser.close()
 
 
 def test_signal_loss_then_every_missed_message_once_in_order(web: tuple[HttpShop, Proxy], customer: Browser) -> None:
@@ -225,8 +222,7 @@ def test_expired_and_revoked_links_show_no_order_data(web: tuple[HttpShop, Proxy
     shop.send("boss", "o-2", "status", retain=True, state="cancelled")
     expired = make_token(load_secret(shop.db), "o-1", -1)
     revoked = make_token(load_secret(shop.db), "o-2", 3600)
-    browser = Browser(390, 844)
-    try:
+    with Browser(390, 844) as browser:
         for token, code in ((expired, "token_expired"), (revoked, "token_revoked")):
             browser.driver.get(f"{shop.base}/t/{token}")
             heading = browser.driver.find_element(By.ID, "refused")
@@ -234,8 +230,6 @@ def test_expired_and_revoked_links_show_no_order_data(web: tuple[HttpShop, Proxy
             source = browser.driver.page_source
             for secret in ("o-1", "o-2", "rod-3m", "zhang", "placed", "fishim-config", "mqtt"):
                 assert secret not in source, f"{secret!r} on the {code} page"
-    finally:
-        browser.close()
 
 
 def _demo_orders(shop: HttpShop) -> None:
@@ -279,8 +273,7 @@ def test_screenshots_for_the_readme(web: tuple[HttpShop, Proxy], console: Browse
     shop, _ = web
     out = DOCS_IMG if os.environ.get("FISHIM_SCREENSHOTS") == "1" else tmp_path
     _demo_orders(shop)
-    phone = Browser(390, 1400)
-    try:
+    with Browser(390, 1400) as phone:
         phone.driver.get(shop.link("o-7")["url"])
         phone.wait_js("return document.body.dataset.conn === 'online' && document.getElementById('rider-dot')",
                       what="o-7's rider on the sketch")
@@ -290,7 +283,7 @@ def test_screenshots_for_the_readme(web: tuple[HttpShop, Proxy], console: Browse
         console.driver.find_element(By.ID, "console-chat-input").send_keys("Sure! Rider is 2 minutes away")
         console.driver.find_element(By.ID, "console-send").click()
         phone.wait_js("return [...document.querySelectorAll('#chat .tick.read')].length > 0", what="read tick")
-        assert phone.driver.find_element(By.ID, "arriving").is_displayed()  # 200 m from the drop-off, delivering
+        assert phone.driver.find_element(By.ID, "arriving").is_displayed()  # 130 m from the drop-off, delivering
         assert "Spinning reel 2500" in phone.driver.find_element(By.ID, "items").text
         out.mkdir(parents=True, exist_ok=True)
         phone.js("window.scrollTo(0, 0)")
@@ -300,8 +293,6 @@ def test_screenshots_for_the_readme(web: tuple[HttpShop, Proxy], console: Browse
         console.driver.save_screenshot(str(out / "console.png"))
         phone.driver.get(shop.link("o-7")["url"] + "?lang=zh")
         phone.wait_js("return document.getElementById('state').textContent === '配送中'", what="Chinese page")
-    finally:
-        phone.close()
     for name in ("tracking.png", "console.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
