@@ -71,6 +71,8 @@ class Inbound:
     bound, e.g. behind Mosquitto, the service account, anonymous loopback). ``refusal``: refused
     before ingest (ACL, size): only its dead letter and error are written. ``quiet``: no error
     message (the caller already answered). ``tag``: the caller's own handle (a future, a paho mid).
+    ``role``: the login's role, which the order rules use for ``user`` (a tracking link or an API key
+    has no account row to look it up in).
     """
 
     topic: str
@@ -79,6 +81,7 @@ class Inbound:
     refusal: Rejected | None = None
     quiet: bool = False
     tag: Any = None
+    role: str | None = None  # the login's role, as the authenticator said (tracking links, API keys)
 
 
 @dataclass(slots=True)
@@ -177,6 +180,11 @@ class _Directory:
         self.work: Work | None = None
         self.receipts: dict[tuple[str, str], int | None] = {}
         self._roles: dict[str, tuple[str | None, float]] = {}
+
+    def learn(self, user: str, role: str) -> None:
+        """The authenticator's word on ``user``'s role (it may have no account row at all)."""
+        bounded(self._roles)
+        self._roles[user] = (role, time.monotonic() + ROLE_TTL_S)
 
     def role_of(self, user: str) -> str | None:
         if user == self.service_user:
@@ -300,6 +308,9 @@ class Writer:
         decoded = [self._decode(m) for m in batch]
         ids = [d.msg.id for d in decoded if isinstance(d, _Decoded) and d.msg is not None]
         self.directory.work = work
+        for m in batch:
+            if m.user is not None and m.role is not None:
+                self.directory.learn(m.user, m.role)
         with self.store.transaction():
             work.known = self.store.existing_ids(ids) if ids else set()
             for m, d in zip(batch, decoded, strict=True):

@@ -173,7 +173,8 @@ class EmbeddedBroker:
             rejected = Rejected(ErrorCode.FORBIDDEN, f"not allowed to publish to {topic}")
             future = core.wait_for(Inbound(topic, payload, principal.username, rejected))
         else:
-            future = core.wait_for(Inbound(topic, payload, bound_user(principal, self.config.bridge.username)))
+            future = core.wait_for(Inbound(topic, payload, bound_user(principal, self.config.bridge.username),
+                                           role=principal.role))
         return Verdict.of(await future)
 
     def stop_accepting(self) -> None:

@@ -544,7 +544,8 @@ class FishimBroker(Broker):
             return False
         if not (topic.startswith(self._orders_head) or topic.endswith("/request")):
             return self._refuse_publish(session, principal, topic, payload, "only fishim publishes", tag)
-        return self.submit(Inbound(topic, payload, bound_user(principal, self._service_user), tag=tag))
+        return self.submit(Inbound(topic, payload, bound_user(principal, self._service_user), tag=tag,
+                                   role=principal.role))
 
     def _refuse_publish(self, session: Session, principal: Principal, topic: str, payload: bytes,
                         why: str, tag: Pending | None) -> bool:

@@ -488,7 +488,7 @@ def connack(session_present: bool, return_code: int) -> bytes:
 def suback(packet_id: int, return_codes: list[int]) -> bytes:
     """A SUBACK (MQTT 3.1.1 §3.9): one return code per filter, in the SUBSCRIBE's order."""
     body = packet_id.to_bytes(2, "big") + bytes(return_codes)
-    return b"".join((bytes((0x90,)), _remaining_length(len(body)), body))
+    return b"".join((bytes((0x90,)), remaining_length(len(body)), body))
 
 
 def unsuback(packet_id: int) -> bytes:
@@ -496,7 +496,8 @@ def unsuback(packet_id: int) -> bytes:
     return b"\xb0\x02" + packet_id.to_bytes(2, "big")
 
 
-def _remaining_length(length: int) -> bytes:
+def remaining_length(length: int) -> bytes:
+    """MQTT 3.1.1 variable-length encoding of a packet's remaining length (§2.2.3)."""
     encoded = bytearray()
     while True:
         byte, length = length & 0x7F, length >> 7

@@ -17,8 +17,33 @@ from __future__ import annotations
 import socket
 import subprocess
 import time
+from typing import Self
 
-__all__ = ["free_port", "wait_for_port"]
+__all__ = ["Managed", "free_port", "wait_for_port"]
+
+
+class Managed:
+    """``with Thing(...) as thing:`` for harness pieces that have ``start()`` and ``close()``.
+
+    ``start()`` returns the started object; if it fails half-way, ``close()`` still runs, so a
+    broker that died during start-up leaves no process or temp dir behind.
+    """
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -53,9 +78,13 @@ def wait_for_port(
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"process {proc.pid} exited ({proc.returncode}) before {host}:{port} opened")
         try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return
+            with socket.create_connection((host, port), timeout=0.5) as sock:
+                if sock.getsockname() != sock.getpeername():
+                    return
+                # TCP self-connect: the kernel gave us ``port`` as our own source port while nothing
+                # listened there; we would hold the port the server is about to bind. Let it go.
         except OSError:
-            if time.monotonic() >= deadline:
-                raise TimeoutError(f"{host}:{port} did not accept connections within {timeout}s") from None
-            time.sleep(0.05)
+            pass
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"{host}:{port} did not accept connections within {timeout}s")
+        time.sleep(0.05)

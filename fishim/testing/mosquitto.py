@@ -22,7 +22,7 @@ import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from fishim.testing import free_port, wait_for_port
+from fishim.testing import Managed, free_port, wait_for_port
 
 __all__ = ["Mosquitto", "find_mosquitto", "write_password_file"]
 
@@ -75,7 +75,7 @@ def _terminate(proc: subprocess.Popen[bytes], timeout: float) -> None:
         proc.wait(timeout)
 
 
-class Mosquitto:
+class Mosquitto(Managed):
     """A Mosquitto broker on ``127.0.0.1:port`` with a generated config in a temp dir.
 
     Use as a context manager (or :meth:`start` / :meth:`stop`); the process is stopped and the temp
@@ -210,16 +210,6 @@ class Mosquitto:
         self.stop()
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def __enter__(self) -> Mosquitto:
-        try:
-            return self.start()
-        except BaseException:
-            self.close()
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def _detach(self) -> None:
         if self._finalizer is not None:

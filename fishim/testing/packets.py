@@ -8,17 +8,14 @@ from __future__ import annotations
 
 import struct
 
+from fishim.broker.wire import remaining_length
+
 __all__ = ["connect", "packet", "publish", "string", "subscribe", "varint"]
 
 
 def varint(n: int) -> bytes:
-    """MQTT's variable-length integer (the fixed header's remaining length)."""
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | 0x80 if n else byte)
-        if not n:
-            return bytes(out)
+    """MQTT's variable-length integer (the fixed header's remaining length): the broker's encoder."""
+    return remaining_length(n)
 
 
 def string(value: str | bytes) -> bytes:

@@ -30,7 +30,7 @@ import paho.mqtt.client as mqtt
 import yaml
 
 from fishim.config import Config
-from fishim.testing import free_port, wait_for_port
+from fishim.testing import Managed, free_port, wait_for_port
 
 __all__ = ["Stack"]
 
@@ -39,7 +39,7 @@ log = logging.getLogger("fishim.testing.stack")
 Kind = Literal["embedded", "mosquitto"]
 
 
-class Stack:
+class Stack(Managed):
     """Broker + bridge for ``db`` on ``127.0.0.1:port``.
 
     Args:
@@ -169,13 +169,3 @@ class Stack:
             self._mosquitto.close()
             self._mosquitto = None
         shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def __enter__(self) -> Stack:
-        try:
-            return self.start()
-        except BaseException:
-            self.close()
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
