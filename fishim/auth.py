@@ -6,13 +6,15 @@ Passwords are hashed with argon2id and never logged or stored in clear.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
+import hmac
 import logging
+import os
 import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from enum import StrEnum
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from pydantic import BaseModel, ConfigDict
 
 from fishim.config import Config, ListenerConfig
+from fishim.logs import kv
 from fishim.store import Store, UserRow, now_ms
 from fishim.topics import is_name
 
@@ -56,6 +59,11 @@ class Principal(BaseModel):
         return self.role is None
 
 
+class LoginBusy(Exception):
+    """Too many password checks already running: answer this CONNECT "server unavailable" (0x03)
+    at once instead of queueing it behind a login storm."""
+
+
 class UserError(ValueError):
     """A user-management request that cannot be done; ``str()`` is one line."""
 
@@ -84,7 +92,7 @@ def add_user(store: Store, name: str, role: str, password: str) -> UserRow:
         raise UserError("empty password")
     user = UserRow(name=name, role=role, password_hash=hash_password(password), created_at=now_ms())
     store.put_user(user)
-    log.info("user saved name=%s role=%s", name, role)
+    log.info("user saved %s", kv(name=name, role=role))
     return user
 
 
@@ -108,14 +116,17 @@ def service_credentials(store: Store, username: str) -> tuple[str, str]:
     if secret_file.exists() and user is not None and user.role == Role.SERVICE:
         secret = secret_file.read_text(encoding="utf-8").strip()
         if verify_password(user.password_hash, secret):
+            secret_file.chmod(0o600)  # a file made by an older version may be world-readable
             return username, secret
     secret = new_secret()
-    secret_file.touch(mode=0o600)
-    secret_file.chmod(0o600)
-    secret_file.write_text(secret, encoding="utf-8")
+    tmp = secret_file.with_name(secret_file.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w", encoding="utf-8") as f:
+        f.write(secret)  # created 0600: never readable by others, not even for a moment
+    os.replace(tmp, secret_file)
     store.put_user(UserRow(name=username, role=Role.SERVICE, password_hash=hash_password(secret),
                            created_at=now_ms()))
-    log.info("service account provisioned name=%s", username)
+    log.info("service account provisioned %s", kv(name=username))
     return username, secret
 
 
@@ -135,17 +146,8 @@ def _peer_host(peer: object) -> str:
     return host if sep and port.isdigit() and ":" not in host else text
 
 
-def _is_loopback_host(host: str) -> bool:
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1 from a dual-stack socket
-    return bool((mapped or address).is_loopback)
-
-
 class LoginLimiter:
-    """Sliding one-minute window of login attempts per key (``addr:…`` and ``user:…``).
+    """Sliding one-minute window of login attempts per key (``pair:{address}|{user}``, ``addr:…``).
 
     Every attempt is counted when it starts and uncounted if it succeeds, so parallel guesses can't
     all slip past the check before the first one fails. A key with ``limit`` failures in the window is
@@ -229,52 +231,112 @@ class StoreAuthenticator:
       is accepted as an anonymous principal (role None), on loopback listeners only: Mosquitto 2's
       rule. Anonymous is never accepted on any other listener.
     - Once a human user exists, every client authenticates. The service account always does.
-    - Attempts are rate-limited per client address and per username (``limits.
-      login_failures_per_minute`` failures a minute). The service account has no per-username lock
-      (its secret is 256 random bits; a lock would let anyone who reaches the port cut the bridge
-      off), and from a loopback address, where the bridge runs, no address lock either: someone
-      mistyping a password on the shop PC must not lock the bridge out.
+    - Failed guesses slow down the (address, username) pair that made them: after
+      ``limits.login_failures_per_minute`` failures in a sliding minute that pair is refused without
+      a check until the minute has passed; the same user from another address is not affected, so
+      a stranger cannot lock anyone out. An address is also refused after
+      ``limits.login_failures_per_address`` failures a minute over all names (spraying).
+    - The service account's secret (256 random bits, in ``<db>.secret``) is compared in constant
+      time without argon2, and always lets the bridge in; wrong guesses at it are counted and
+      logged like any other, from loopback too.
+    - At most ``limits.max_concurrent_logins`` password checks run or wait at once (argon2 runs on
+      one worker thread); a CONNECT past that raises :class:`LoginBusy` at once (CONNACK 0x03), so
+      a login storm cannot build a backlog that times out everyone else's login.
 
     Passwords are never logged. An unknown user costs one argon2 verify too, so timing doesn't tell
-    which names exist. argon2 takes tens of milliseconds, so :meth:`authenticate` runs :meth:`check`
-    in a worker thread and the broker's loop keeps serving while a login is verified.
+    which names exist.
     """
+
+    WORKERS = 1  # argon2 is CPU-bound (and releases the GIL): the other core stays with the broker
 
     def __init__(self, store_path: Path | str, config: Config,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self.limiter = LoginLimiter(config.limits.login_failures_per_minute, clock)
+        self.address_limiter = LoginLimiter(config.limits.login_failures_per_address, clock)
         self._reader = _StoreReader(store_path)
+        self._secret_file = service_secret_file(Path(store_path))
+        self._service_secret: tuple[str, str, str] | None = None  # (hash, secret, name) verified once
+        self._pool = ThreadPoolExecutor(self.WORKERS, thread_name_prefix="fishim-login")
+        self._checking = 0
 
     def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
         self._reader.close()
 
     async def authenticate(self, username: str | None, password: str | None, peer: object,
                            listener: ListenerConfig | str | None) -> Principal | None:
-        """The principal for this CONNECT, or None to refuse it (CONNACK "not authorized")."""
-        return await asyncio.to_thread(self.check, username, password, peer, listener)
+        """The principal for this CONNECT, or None to refuse it (CONNACK "not authorized").
+
+        Raises:
+            LoginBusy: ``limits.max_concurrent_logins`` checks are already under way.
+        """
+        if self._checking >= self.config.limits.max_concurrent_logins:
+            raise LoginBusy
+        self._checking += 1
+        try:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._pool, self.check, username, password, peer, listener)
+        finally:
+            self._checking -= 1
 
     def check(self, username: str | None, password: str | None, peer: object,
               listener: ListenerConfig | str | None) -> Principal | None:
         """:meth:`authenticate`, blocking (argon2 runs in the calling thread)."""
         host = _peer_host(peer)
         user, humans = self._lookup(username)
-        service = user is not None and user.role == Role.SERVICE
-        keys = [] if service and _is_loopback_host(host) else [f"addr:{host}"]
-        if user is not None and not service:
-            keys.append(f"user:{username}")
-        stamp = self.limiter.begin(*keys)
+        pair, addr = f"pair:{host}|{username or ''}", f"addr:{host}"
+        if user is not None and user.role == Role.SERVICE and self._is_service_secret(user, password):
+            return Principal(username=user.name, role=user.role)
+        stamp = self.limiter.begin(pair)
         if stamp is None:
-            log.info("login refused user=%s peer=%s reason=rate_limited", username, host)
+            log.info("login refused %s", kv(user=username, peer=host, reason="rate_limited"))
             return None
-        principal, reason = self._verify(user, humans, username, password, listener)
+        address_stamp = self.address_limiter.begin(addr)
+        if address_stamp is None:
+            self.limiter.succeeded(stamp, pair)
+            log.info("login refused %s", kv(user=username, peer=host, reason="rate_limited"))
+            return None
+        if user is not None and user.role == Role.SERVICE:
+            principal, reason = None, "bad_password"  # its secret was checked above, without argon2
+        else:
+            principal, reason = self._verify(user, humans, username, password, listener)
         if principal is not None:
-            self.limiter.succeeded(stamp, *keys)
+            self.limiter.succeeded(stamp, pair)
+            self.address_limiter.succeeded(address_stamp, addr)
             return principal
-        locked = self.limiter.locked(*keys)
-        note = f" locked={','.join(locked)} for={LoginLimiter.WINDOW_S:.0f}s" if locked else ""
-        log.warning("login refused user=%s peer=%s reason=%s%s", username, host, reason, note)
+        locked = self.limiter.locked(pair) + self.address_limiter.locked(addr)
+        extra = {"locked": ",".join(locked), "for": f"{LoginLimiter.WINDOW_S:.0f}s"} if locked else {}
+        log.warning("login refused %s", kv(user=username, peer=host, reason=reason, **extra))
         return None
+
+    def _is_service_secret(self, user: UserRow, password: str | None) -> bool:
+        """Is ``password`` the service account's secret? Constant-time, no argon2 once the secret
+        file has been verified against the account's hash (re-verified if either changes)."""
+        if not password:
+            return False
+        cached = self._service_secret
+        if cached is None or cached[0] != user.password_hash or cached[2] != user.name:
+            try:
+                secret = self._secret_file.read_text(encoding="utf-8").strip()
+            except OSError:  # no secret file beside the store (a copied store): verify the slow way
+                return verify_password(user.password_hash, password)
+            if not verify_password(user.password_hash, secret):
+                return verify_password(user.password_hash, password)
+            cached = self._service_secret = (user.password_hash, secret, user.name)
+        return hmac.compare_digest(password.encode("utf-8"), cached[1].encode("utf-8"))
+
+    def valid_principals(self, principals: Iterable[Principal]) -> set[Principal]:
+        """The named principals whose account still exists with the same role (one store read).
+
+        The broker asks this every ``broker.account_check_interval`` seconds and ends the sessions
+        of the others: ``fishim users remove`` cuts a connected user off within that interval.
+        Anonymous principals are returned as they are.
+        """
+        with self._reader.lock:
+            store = self._reader.store()
+            accounts = {u.name: u.role for u in store.users()} if store is not None else {}
+        return {p for p in principals if p.anonymous or accounts.get(p.username or "") == p.role}
 
     def _verify(self, user: UserRow | None, humans: int, username: str | None, password: str | None,
                 listener: ListenerConfig | str | None) -> tuple[Principal | None, str]:
@@ -293,7 +355,8 @@ class StoreAuthenticator:
 
     def _tracking(self, username: str, password: str | None) -> tuple[Principal | None, str]:
         """``t-{order}`` with a tracking link's token as password: the customer's rights on that order."""
-        from fishim.http.tokens import load_secret, order_of_tracking_user, read_token, token_problem
+        from fishim.http.tokens import load_secret, read_token, token_problem
+        from fishim.topics import order_of_tracking_user
 
         order = order_of_tracking_user(username)
         link = read_token(load_secret(self._reader.store_path), password or "") if order else None
@@ -349,6 +412,11 @@ def _order_write(order: str, *channels: str) -> tuple[Template, ...]:
 
 
 _STAFF_WRITE = _order_write("<any>", "status", "location", "picks", "chat", "receipts") + _WRITE_OWN
+# Only fishim itself (the service account, or the broker on its own behalf) writes what people read
+# as fishim's word, whatever an account's role templates say. The anonymous loopback principal
+# (no accounts yet) is exempt: a bridge run beside `fishim broker` without credentials is anonymous
+# too, and every local client is equally trusted until the first account exists.
+_FISHIM_ONLY = frozenset(("errors", "presence", "notify", "system"))  # first levels; and sync replies
 
 # role -> (read templates, write templates). Role None is the anonymous loopback principal.
 POLICY: dict[str | None, tuple[tuple[Template, ...], tuple[Template, ...]]] = {
@@ -414,7 +482,19 @@ class OrderAcl:
     def may_publish(self, principal: Principal, topic: str) -> bool:
         if not topic or "+" in topic or "#" in topic:
             return False
+        if principal.role not in (Role.SERVICE, None) and self._fishim_only(topic):
+            return False
         return self._topic_allowed(principal, topic, write=True)
+
+    def _fishim_only(self, topic: str) -> bool:
+        """``errors/…``, ``presence/…``, ``notify/…``, ``system/…`` and sync replies: fishim's voice.
+
+        No account but the service account may publish there, so no one can make a message on
+        ``errors/{user}`` reach another user as if fishim had said it."""
+        if not topic.startswith(self._head):
+            return False
+        levels = topic[len(self._head):].split("/")
+        return levels[0] in _FISHIM_ONLY or (levels[0] == "sync" and levels[-1] == "events")
 
     def may_subscribe(self, principal: Principal, topic_filter: str) -> bool:
         """Allowed if the principal could read SOME topic the filter matches; what is delivered is
@@ -439,7 +519,7 @@ class OrderAcl:
         with self._reader.lock:
             self.fed = True
             self._remember(order, (customer, rider))
-        log.debug("membership order=%s customer=%s rider=%s", order, customer, rider)
+        log.debug("membership %s", kv(order=order, customer=customer, rider=rider))
 
     def members(self, order: str) -> tuple[str | None, str | None] | None:
         """(customer, rider) of ``order``, or None if the order is unknown."""

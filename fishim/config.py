@@ -147,12 +147,22 @@ class Limits(_Strict):
     sync_page_events: int = Field(default=200, gt=0, le=10_000)
     sync_page_bytes: ByteSize = Field(default=256 * 1024, gt=1024)
     login_failures_per_minute: int = Field(default=10, gt=0)
+    login_failures_per_address: int = Field(default=100, gt=0)
+    max_concurrent_logins: int = Field(default=8, gt=0)
+    max_connections_per_address: int = Field(default=256, ge=0)
+    max_filters_per_subscribe: int = Field(default=64, gt=0, le=10_000)
+    max_subscriptions: int = Field(default=256, gt=0)
+    max_queued_bytes: ByteSize = Field(default=16 * 1024 * 1024, gt=0)
+    publish_rate: float = Field(default=50.0, ge=0)
+    publish_burst: int = Field(default=200, gt=0)
 
 
 class BrokerSettings(_Strict):
     keepalive_grace: float = Field(default=1.5, ge=1.0, le=10.0)
     max_inflight: int = Field(default=100, gt=0)
     retry_interval: Duration = Field(default=20.0, gt=0)
+    session_expiry: Duration = Field(default=7 * 86_400.0, ge=0)
+    account_check_interval: Duration = Field(default=5.0, gt=0)
 
 
 class BridgeConfig(_Strict):

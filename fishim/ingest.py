@@ -136,7 +136,12 @@ class Verdict(BaseModel):
 
 
 class IngestHook(Protocol):
-    """Extra rows written in the same transaction as the events (webhook outbox, alert state)."""
+    """Extra rows written in the same transaction as the events (webhook outbox, alert state).
+
+    ``in_transaction`` runs on the writer thread inside the transaction. If the hook also has
+    ``after_commit(committed)``, the embedded broker calls it on its loop once the batch is
+    committed and routed (the bridge calls it on its writer thread after COMMIT).
+    """
 
     def in_transaction(self, store: Store, committed: Sequence[Committed]) -> None: ...
 

@@ -29,6 +29,8 @@ _PHONE = re.compile(
     r"|\d{3,4}[ \-.]\d{3,4}[ \-.]\d{3,4}"  # 555-123-4567, 020 7946 0958
     r"|0\d{4}[ \-]?\d{6}"  # UK mobile 07700 900123
     r")" + _E
+    # a mainland mobile glued to letters or a country code: tel13812345678, cust_13812345678, 8613812345678
+    + r"|(?<!\d)(?:86)?1[3-9]\d{9}(?!\d)"
 )
 _EN_STREET = (r"street|st|road|rd|avenue|ave|lane|ln|drive|dr|way|boulevard|blvd|court|ct|place|pl|"
               r"terrace|crescent|close|square|sq|highway|hwy|parkway|pkwy")
@@ -54,11 +56,57 @@ _X_ESCAPES = re.compile(r"(?:\\x[0-9a-fA-F]{2})+")
 
 
 def _unescape(text: str) -> str:
+    """Decode ``\\uXXXX`` / ``\\xNN`` runs so masking sees the text, but never into a control
+    character: a literal ``\\u000a`` in a client's text must not become a real line break."""
     if "\\" not in text:
         return text
-    text = _U_ESCAPES.sub(lambda m: _utf16(json.loads(f'"{m.group(0)}"')), text)
+    text = _U_ESCAPES.sub(lambda m: _printable(_utf16(json.loads(f'"{m.group(0)}"'))), text)
     return _X_ESCAPES.sub(
-        lambda m: bytes.fromhex(m.group(0).replace("\\x", "")).decode("utf-8", "backslashreplace"), text)
+        lambda m: _printable(bytes.fromhex(m.group(0).replace("\\x", "")).decode("utf-8", "backslashreplace")),
+        text)
+
+
+def _printable(text: str) -> str:
+    """``text`` with every non-printable character (line breaks, U+2028, ESC...) as a ``\\u`` escape."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else f"\\u{ord(c):04x}" for c in text)
+
+
+# -- client-supplied values in log lines ----------------------------------------------------------
+
+LOG_VALUE_MAX = 200
+"""Characters of one client-supplied value (user name, client id, topic...) that reach a log line."""
+LOG_MESSAGE_MAX = 8192
+"""Characters of one rendered log message (tracebacks aside); the rest is cut and counted."""
+_SAFE_LOG_VALUE = re.compile(r"^[A-Za-z0-9_.,|:@/+#$\[\]-]+$")
+
+
+def clip(value: object, limit: int = LOG_VALUE_MAX) -> str:
+    """One value, safe inside a log line: plain if it is short and harmless, else JSON-quoted
+    (escaping quotes, backslashes and every control character) and cut to ``limit`` characters,
+    with the full length noted. The one helper every log line with client text goes through."""
+    if value is None:
+        return "-"
+    text = value if isinstance(value, str) else str(value)
+    if len(text) <= limit and _SAFE_LOG_VALUE.match(text):
+        return text
+    if len(text) <= limit:
+        return json.dumps(text)
+    return f"{json.dumps(text[:limit])}...({len(text)} chars)"
+
+
+def kv(**fields: object) -> str:
+    """``key=value`` pairs for one grep-able log line, each value through :func:`clip`."""
+    return " ".join(f"{key}={clip(value)}" for key, value in fields.items())
+
+
+def one_line(text: str, limit: int = LOG_MESSAGE_MAX) -> str:
+    """A rendered log message as exactly one line of at most ``limit`` characters (+ a note)."""
+    text = _printable(text)
+    if len(text) > limit:
+        text = f"{text[:limit]}...({len(text)} chars)"
+    return text
 
 
 def _utf16(text: str) -> str:
@@ -81,6 +129,9 @@ def mask(text: str) -> str:
 class MaskingFilter(logging.Filter):
     """Masks the rendered message, and any traceback, of every record that passes through a handler.
 
+    The message is also made one line and bounded (:func:`one_line`): whatever a library or a
+    careless call puts in it, a client's text can neither start a forged log line nor flood the log.
+
     Tracebacks matter: a pydantic ValidationError quotes the offending input, payload and all.
     """
 
@@ -88,7 +139,7 @@ class MaskingFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         rendered = record.getMessage()
-        masked = mask(rendered)
+        masked = one_line(mask(rendered))
         if masked != rendered:
             record.msg, record.args = masked, None
         if record.exc_info and not record.exc_text:

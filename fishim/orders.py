@@ -23,7 +23,7 @@ from fishim.messages import (
     Status,
 )
 from fishim.store import OrderRow
-from fishim.topics import Channel, TopicRef
+from fishim.topics import Channel, TopicRef, tracking_user
 
 S = OrderState
 OPEN_STATES = frozenset(S) - {S.DELIVERED, S.CANCELLED}
@@ -78,7 +78,8 @@ def members(order: OrderRow) -> set[str]:
 
 
 def is_member(order: OrderRow, user: str, directory: Directory) -> bool:
-    if user == order.customer or user == order.rider:  # `user` is a valid name, never empty
+    """The order's customer or rider, its tracking-link user (the customer without an app), or staff."""
+    if user == order.customer or user == order.rider or user == tracking_user(order.id):
         return True
     role = directory.role_of(user)
     return role in STAFF_ROLES or role is None

@@ -7,9 +7,11 @@ versioned by ``PRAGMA user_version``, never by hand.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -26,6 +28,14 @@ if TYPE_CHECKING:
 log = logging.getLogger("fishim.store")
 
 SCHEMA_VERSION = 3
+
+FILE_MODE = 0o600
+"""The store and its -wal/-shm files hold customers' names, phones and addresses: owner only."""
+DEADLETTER_PAYLOAD_BYTES = 4096
+"""Bytes of a refused payload kept in its dead letter: enough to see what it was, not a disk filler."""
+DEADLETTER_DETAIL_CHARS = 1000
+MAX_DEADLETTERS = 10_000
+"""Dead letters kept; the oldest go first (a flood of bad input cannot fill the disk)."""
 
 _SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS events (
@@ -282,12 +292,15 @@ class StoreError(Exception):
 class Store:
     """Typed access to the fishim SQLite file."""
 
+    max_deadletters = MAX_DEADLETTERS
+
     def __init__(self, path: Path | str, *, readonly: bool = False) -> None:
         self.path = Path(path)
         self.readonly = readonly
         self.conn = self._connect()
         if not readonly:
             self.migrate()
+            self._restrict_files()
 
     @property
     def db(self) -> sqlite_utils.Database:
@@ -305,11 +318,21 @@ class Store:
                                    isolation_level=None)
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            # created 0600 before SQLite opens it; SQLite gives -wal and -shm the same mode
+            with contextlib.suppress(FileExistsError):
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE))
             conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA busy_timeout=5000")
         return conn
+
+    def _restrict_files(self) -> None:
+        """Make the file and its -wal/-shm owner-only, also when an older version made them 0644
+        (a file someone else owns is left as it is: chmod is not ours to do there)."""
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError, PermissionError):
+                os.chmod(f"{self.path}{suffix}", FILE_MODE)
 
     def close(self) -> None:
         self.conn.close()
@@ -575,13 +598,24 @@ class Store:
     # -- dead letters -------------------------------------------------------------------------
 
     def add_deadletter(self, letter: DeadLetter) -> None:
-        """Inside the caller's transaction (or autocommit when there is none)."""
-        self.conn.execute(
+        """Inside the caller's transaction (or autocommit when there is none).
+
+        Bounded, because refused input is the attacker's to choose: the payload keeps its first
+        ``DEADLETTER_PAYLOAD_BYTES`` (the detail says how long it was), id and detail are cut, and
+        past ``max_deadletters`` rows the oldest are deleted (one range delete on the primary key).
+        """
+        payload, detail = letter.payload, letter.detail[:DEADLETTER_DETAIL_CHARS]
+        if payload is not None and len(payload) > DEADLETTER_PAYLOAD_BYTES:
+            detail = f"{detail} (payload cut to its first {DEADLETTER_PAYLOAD_BYTES} of {len(payload)} bytes)"
+            payload = payload[:DEADLETTER_PAYLOAD_BYTES]
+        msg_id = letter.msg_id[:200] if letter.msg_id is not None else None
+        cur = self.conn.execute(
             "INSERT INTO deadletters (received_at, topic, user, msg_id, error, detail, payload)"
             " VALUES (?,?,?,?,?,?,?)",
-            (letter.received_at, letter.topic, letter.user, letter.msg_id, letter.error, letter.detail,
-             letter.payload),
+            (letter.received_at, letter.topic[:1024], letter.user, msg_id, letter.error, detail, payload),
         )
+        if cur.lastrowid is not None and cur.lastrowid > self.max_deadletters:
+            self.conn.execute("DELETE FROM deadletters WHERE id <= ?", (cur.lastrowid - self.max_deadletters,))
 
     def deadletters(self, since: int | None = None, limit: int = 1000) -> list[DeadLetter]:
         rows = self.conn.execute(

@@ -36,7 +36,6 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from fishim.config import Config
-from fishim.http.tokens import order_of_tracking_user
 from fishim.messages import (
     ErrorCode,
     ErrorMessage,
@@ -47,7 +46,7 @@ from fishim.messages import (
     schema_error,
 )
 from fishim.store import DeviceRow, Store, now_ms
-from fishim.topics import Channel, TopicRef, Topics
+from fishim.topics import Channel, TopicRef, Topics, order_of_tracking_user
 
 __all__ = ["COLLAPSIBLE", "SyncServer"]
 

@@ -54,6 +54,21 @@ def is_name(value: str) -> bool:
     return bool(NAME_RE.match(value))
 
 
+TRACKING_PREFIX = "t-"  # a tracking link logs in as user ``t-{order}``, the customer of that order alone
+
+
+def tracking_user(order: str) -> str:
+    return f"{TRACKING_PREFIX}{order}"
+
+
+def order_of_tracking_user(username: str | None) -> str | None:
+    """``t-o-17`` -> ``o-17``; None for any other name."""
+    if not username or not username.startswith(TRACKING_PREFIX):
+        return None
+    order = username[len(TRACKING_PREFIX):]
+    return order if is_name(order) else None
+
+
 def parse(topic: str, prefix: str = "fishim") -> TopicRef:
     """Parse ``topic``; raise :class:`TopicError` for anything outside the tree."""
     head = prefix + "/"

@@ -87,6 +87,8 @@ PUBLISH: dict[str, str] = {
     "errors/c2": SERVICE,
     "system/membership": SERVICE,
     "system/other": SERVICE,
+    "presence/{me}": SERVICE,  # only fishim speaks on presence, notify, errors and system
+    "notify/{me}": SERVICE,
 }
 
 RECEIVE: dict[str, str] = {

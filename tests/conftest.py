@@ -338,9 +338,9 @@ def raw_mqtt() -> Iterator[Callable[[int], RawMqtt]]:
 
 
 # ==== security fixtures (fishim/auth.py; tests/test_security_*.py) =================================
-# secure_broker_factory: start(db, listeners=[...], limits={...}, ingest=False) -> BrokerThread running
-# fishim's own StoreAuthenticator and OrderAcl over the store at ``db`` (thread.acl is the OrderAcl);
-# with ingest=True it is the broker of `fishim up`.
+# secure_broker_factory: start(db, listeners=[...], limits={...}, broker={...}, ingest=False) -> BrokerThread
+# running fishim's own StoreAuthenticator and OrderAcl over the store at ``db`` (thread.acl is the
+# OrderAcl); with ingest=True it is the broker of `fishim up`.
 # Module-scoped, so a whole access table runs against one broker.
 @pytest.fixture(scope="module")
 def secure_broker_factory() -> Iterator[Callable[..., BrokerThread]]:
@@ -350,11 +350,12 @@ def secure_broker_factory() -> Iterator[Callable[..., BrokerThread]]:
     started: list[tuple[BrokerThread, StoreAuthenticator, OrderAcl]] = []
 
     def start(db: Any, *, listeners: list[ListenerConfig] | None = None,
-              limits: dict[str, Any] | None = None, ingest: bool = False) -> BrokerThread:
+              limits: dict[str, Any] | None = None, broker: dict[str, Any] | None = None,
+              ingest: bool = False) -> BrokerThread:
         """``ingest=True``: the broker of ``fishim up`` (durable ingest, sync served in process)."""
         from fishim.broker.ingest import BrokerIngest
 
-        config = broker_config(limits=limits, listeners=listeners).model_copy(
+        config = broker_config(limits=limits, listeners=listeners, broker=broker).model_copy(
             update={"store": StoreConfig(path=db, synchronous="NORMAL")})
         authenticator, acl = StoreAuthenticator(db, config), OrderAcl(db, config)
         thread = BrokerThread(config, authenticator=authenticator, authorizer=acl,

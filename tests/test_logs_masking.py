@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from _security_shop import make_shop
 
 from fishim.bridge import Bridge
 from fishim.config import Config, ListenerConfig, LoggingConfig, StoreConfig
-from fishim.logs import mask, setup_logging
+from fishim.logs import mask, one_line, setup_logging
 from fishim.testing.mqtt import Collector, connect_client, publish_and_wait
 
 
@@ -39,6 +41,10 @@ from fishim.testing.mqtt import Collector, connect_client, publish_and_wait
     ("020 7946 0958", "*********58"),
     ("07700 900123", "*********23"),
     ("+44 20 7946 0958", "**********58"),
+    # glued to a country code, letters or an underscore (issue 17.8)
+    ("8613812345678", "***********78"),
+    ("tel13812345678", "tel*********78"),
+    ("user=cust_13812345678", "user=cust_*********78"),
 ])
 def test_phone_numbers_keep_only_last_two_digits(text: str, masked: str) -> None:
     assert mask(text) == masked
@@ -148,3 +154,49 @@ def test_real_bridge_rejection_line_is_masked(log_file: Path, tmp_path: Path,
     text = log_file.read_text(encoding="utf-8")
     assert "rejected topic=fishim/orders/A1/chat/c1" in text and "error=bad_mention" in text
     assert "13812345678" not in text and "文三路90号" not in text
+
+
+# -- log forging and flooding (issue 17.4) ---------------------------------------------------------
+
+FORGED = "1999-01-01 00:00:00,000 INFO fishim.broker connected client_id=boss-pc user=boss role=owner"
+_LINE_START = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL) \S+ ")
+
+
+@pytest.mark.parametrize(("text", "line"), [
+    ('id "a\\u000aFAKE"', 'id "a\\u000aFAKE"'),  # a JSON-escaped literal \u000a stays escaped
+    ("id a\\x0aFAKE", "id a\\u000aFAKE"),  # a bytes-repr \x0a is never decoded into a line break
+    ("two\nlines\r\u2028here", "two\\u000alines\\u000d\\u2028here"),
+])
+def test_masking_never_makes_a_line_break(text: str, line: str) -> None:
+    assert one_line(mask(text)) == line
+
+
+def test_client_text_cannot_forge_or_flood_log_lines(log_file: Path, tmp_path: Path, raw_mqtt: Any,
+                                                     secure_broker_factory: Callable[..., Any]) -> None:
+    """Without logging in: a username with a newline, a 65 KB username, client ids with literal
+    ``\\u000a`` / ``\\x0a`` (escapes the masking used to decode) and phone numbers glued to
+    letters. Every line of the real log file is one real record, bounded, with no phone number."""
+    db = tmp_path / "shop.db"
+    passwords = make_shop(db)
+    port = secure_broker_factory(db).port
+    attempts = [
+        ("probe-1", f"eve\n{FORGED}", "x"),  # refused: it is not a user
+        ("probe-2", "e" * 65_000, "x"),
+        ("a\\u000aFAKE-1", "c1", passwords["c1"]),  # accepted: the id is printable text
+        ("a\\x0aFAKE-2", "c1", passwords["c1"]),
+        ("cust_13812345678", "c1", passwords["c1"]),
+        ("tel13812345678", "8613812345678", "x"),
+    ]
+    for client_id, username, password in attempts:
+        raw_mqtt(port).connect(client_id, username=username, password=password)
+    # the marker: a refusal is logged before its CONNACK is sent, so once it is answered it is in
+    assert raw_mqtt(port).connect("log-marker", username="c1", password="wrong")[1] == 5
+    lines = log_file.read_text(encoding="utf-8").splitlines()
+    assert any("connect_refused client_id=log-marker" in line for line in lines)
+    for line in lines:
+        assert _LINE_START.match(line) and not line.startswith("1999-"), f"forged or broken line: {line!r}"
+        assert len(line) < 1500, f"unbounded line of {len(line)} chars"
+        assert "FAKE" not in line or "\\u000aFAKE" in line
+    text = "\n".join(lines)
+    assert "13812345678" not in text
+    assert "(65000 chars)" in text  # the long name was cut, and says so

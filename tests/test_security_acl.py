@@ -77,14 +77,20 @@ def test_table_against_order_acl(shop: tuple[Path, dict[str, str]]) -> None:
 
 
 def test_anonymous_and_unknown_roles(shop: tuple[Path, dict[str, str]]) -> None:
-    """Anonymous (loopback, no users yet) may do everything under the prefix and nothing outside;
-    an account with a role this version doesn't know may do nothing."""
+    """Anonymous (loopback, no users yet) may do everything under the prefix and nothing outside
+    (a bridge beside `fishim broker` without credentials is anonymous too); an account with a role
+    this version doesn't know may do nothing. What only fishim writes (errors, presence, notify,
+    system, sync replies) no account but the service account may write, whatever its role."""
     acl = OrderAcl(shop[0], Config())
     anonymous, odd = Principal(), Principal(username="x", role="auditor")
     try:
         for topic in ("fishim/orders/A2/chat/c2", "fishim/system/membership", "fishim/errors/c1"):
             assert acl.may_publish(anonymous, topic) and acl.may_receive(anonymous, topic)
             assert not acl.may_publish(odd, topic) and not acl.may_receive(odd, topic)
+        for topic in ("fishim/errors/c1", "fishim/presence/c1", "fishim/notify/c1", "fishim/system/membership",
+                      "fishim/sync/boss/d/events"):
+            assert acl.may_publish(principal(SERVICE), topic), topic
+            assert not any(acl.may_publish(principal(user), topic) for user in ROLE_OF if user != SERVICE), topic
         assert acl.may_subscribe(anonymous, "#") and not acl.may_subscribe(odd, "#")
         for principal_ in (anonymous, principal("boss"), principal(SERVICE)):
             assert not acl.may_publish(principal_, "other/topic")
@@ -151,7 +157,7 @@ def test_access_table_on_real_clients(broker: object, shop: tuple[Path, dict[str
     assert not [user for user, pw in shop[1].items() if pw in logged]
     size = (len(PUBLISHERS) * len(PUBLISH) + len(RECEIVERS) * len(SUBSCRIBE)
             + len(RECEIVERS) * len(RECEIVE_FILTERS) * (len(RETAINED) + len(RECEIVE)))
-    assert result.rows == size == 804
+    assert result.rows == size == 816
 
 
 def _say(client: MqttClient, topic: str, tag: str, retain: bool = False, **fields: Any) -> None:

@@ -63,8 +63,10 @@ class Bench:
         self.config = work / "bench-broker.yaml"
         # fishim defaults, but the offline/backlog queue as deep as the Mosquitto peer's
         # (max_queued_messages 100000 in fishim.testing.mosquitto): a flood must not be cut by the bound.
-        self.config.write_text("# scripts/bench.py: defaults + queue bound of the Mosquitto peer\n"
-                               "limits:\n  max_queued: 100000\n")
+        # The peer has no per-address connection cap either (the fan-in opens 500 loopback clients).
+        self.config.write_text("# scripts/bench.py: defaults + queue bounds of the Mosquitto peer\n"
+                               "limits:\n  max_queued: 100000\n  max_queued_bytes: 1G\n"
+                               "  max_connections_per_address: 0\n")
         self.logs = work / "logs"
         self.logs.mkdir(exist_ok=True)
         self._publisher: Worker | None = None

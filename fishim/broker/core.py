@@ -46,8 +46,10 @@ from amqtt.session import Session
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
+from fishim.auth import LoginBusy
 from fishim.broker.outbox import Delivery, Outbox
 from fishim.broker.wire import (
+    IDENTIFIER_REJECTED,
     NOT_AUTHORIZED,
     SERVER_UNAVAILABLE,
     ConnectRefused,
@@ -75,6 +77,8 @@ log = logging.getLogger("fishim.broker")
 
 STATE_KEY = "fishim.state"
 _SUBSCRIBE_REFUSED = 0x80
+_RETAINED_CHUNK = 2_000  # retained matches checked between two yields to the event loop
+_SERVICE_ID_PREFIX = "fishim-"  # client ids reserved for the service account (with bridge.client_id)
 _MATCH_CACHE_SIZE = 10_000
 _TEARDOWN_TIMEOUT = 5.0
 _CONNECTION_ERRORS = (OSError, ConnectionClosed, ProtocolHandlerError, AMQTTError, MQTTError)
@@ -130,6 +134,10 @@ class SessionState:
 
     principal: Principal
     outbox: Outbox
+    filters: int = 0
+    """Subscriptions the session holds (bounded by ``limits.max_subscriptions``)."""
+    offline_since: float | None = None
+    """Loop time the session last went offline (None while connected): for session expiry."""
 
 
 def state_of(session: Session) -> SessionState:
@@ -156,12 +164,24 @@ class FishimHandler(BrokerProtocolHandler):
         self.core = core
         self.guard = guard
         self.ended: asyncio.Future[DisconnectPacket | None] = asyncio.get_running_loop().create_future()
+        self.gate: asyncio.Future[None] | None = None
+        """Set while a SUBSCRIBE's retained messages are being collected (in chunks, yielding to the
+        loop): this connection's later packets wait for it, so they still apply in the order sent."""
+
+    async def _pass_gate(self) -> None:
+        """Wait until no earlier SUBSCRIBE of this connection is still sending retained messages.
+
+        Waiters wake in the order they started waiting, which is the order the packets arrived."""
+        while self.gate is not None:
+            await asyncio.shield(self.gate)
 
     async def handle_publish(self, publish_packet: PublishPacket) -> None:
         qos = publish_packet.qos or 0
         if qos == QOS_2:  # amqtt's PUBREC/PUBREL flow, then FishimBroker._handle_message_delivery
             await super().handle_publish(publish_packet)
             return
+        if self.gate is not None:
+            await self._pass_gate()
         session, header = self.session, publish_packet.variable_header
         if session is None or header is None or publish_packet.data is None:
             return
@@ -181,21 +201,30 @@ class FishimHandler(BrokerProtocolHandler):
             state_of(self.session).outbox.ack(puback.variable_header.packet_id)
 
     async def handle_subscribe(self, subscribe: SubscribePacket) -> None:
-        """Record the filters, queue SUBACK, then the granted filters' retained messages: one step.
+        """Record the filters, queue SUBACK, then the granted filters' retained messages.
 
         All through the session's outbox, SUBACK first, and nothing routed after this SUBSCRIBE
-        overtakes its retained messages (a stale status arriving after a fresh one).
+        overtakes its retained messages (a stale status arriving after a fresh one). Filters past
+        ``limits.max_subscriptions`` for the session get 0x80 (the wire guard already closed the
+        connection if the packet itself had more than ``limits.max_filters_per_subscribe``).
+        Collecting retained messages yields to the loop every ``_RETAINED_CHUNK`` matches
+        (:meth:`FishimBroker.send_retained`), so one SUBSCRIBE cannot stall other clients.
         """
+        if self.gate is not None:
+            await self._pass_gate()
         session, header, payload = self.session, subscribe.variable_header, subscribe.payload
         if session is None or header is None or payload is None:
             return
         codes = [self.core.subscribe(session, topic_filter, qos) for topic_filter, qos in payload.topics]
         state_of(session).outbox.put_packet(self, suback(header.packet_id, codes))
-        for (topic_filter, _), code in zip(payload.topics, codes, strict=True):
-            if code != _SUBSCRIBE_REFUSED:
-                self.core.queue_retained(session, topic_filter, code)
+        granted = [(f, code) for (f, _), code in zip(payload.topics, codes, strict=True)
+                   if code != _SUBSCRIBE_REFUSED]
+        if granted:
+            await self.core.send_retained(self, session, granted)
 
     async def handle_unsubscribe(self, unsubscribe: UnsubscribePacket) -> None:
+        if self.gate is not None:
+            await self._pass_gate()
         session, header, payload = self.session, unsubscribe.variable_header, unsubscribe.payload
         if session is None or header is None or payload is None:
             return
@@ -265,6 +294,8 @@ class FishimBroker(Broker):
         self._connections: set[asyncio.Task[Any]] = set()
         self._background: set[asyncio.Future[Any]] = set()
         self._match_cache: dict[str, list[str]] = {}
+        self._per_host: dict[str, int] = {}  # open connections per client address
+        self._host_refusals: dict[str, int] = {}  # connections refused per address, this episode
 
     # -- listeners ---------------------------------------------------------------------------
 
@@ -305,10 +336,11 @@ class FishimBroker(Broker):
 
     async def _start_listeners(self) -> None:
         """amqtt hook: hold the stored retained values (amqtt's ``start`` cleared its table just
-        before), then start accepting on the sockets :meth:`bind` opened."""
+        before), start the housekeeping task, then start accepting on the sockets :meth:`bind` opened."""
         for topic, payload, qos in self.initial_retained:
             self.store_retained(topic, payload, qos)
         self.initial_retained = []
+        self._background.add(asyncio.ensure_future(self._housekeeping()))
         for name, server in self._bound.items():
             self._servers[name] = Server(name, server)
             await server.start_serving()
@@ -339,16 +371,88 @@ class FishimBroker(Broker):
         await writer.close()
 
     async def _session_monitor(self) -> None:
-        """amqtt's monitor drops anonymous sessions ~1 s after disconnect; fishim keeps them.
+        """amqtt's monitor drops anonymous sessions ~1 s after disconnect; fishim keeps them until
+        ``broker.session_expiry`` (:meth:`_housekeeping`).
 
         Clean sessions are deleted by :meth:`_end_connection` as soon as they disconnect.
         """
+
+    async def _housekeeping(self) -> None:
+        """Expire persistent sessions (:meth:`expire_sessions`) and end the sessions of removed
+        accounts (:meth:`revoke_removed_accounts`), every ``broker.account_check_interval`` seconds
+        (more often if a quarter of the expiry is shorter). Runs from start to :meth:`close`."""
+        broker = self.fishim_config.broker
+        interval = broker.account_check_interval
+        if broker.session_expiry:
+            interval = min(interval, broker.session_expiry / 4)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                self.expire_sessions()
+                await self.revoke_removed_accounts()
+            except Exception:
+                log.exception("housekeeping_failed")
+
+    def expire_sessions(self) -> int:
+        """Delete persistent sessions offline for longer than ``broker.session_expiry`` (seconds).
+
+        With the session go its subscriptions, queued messages and its claim on the client id (any
+        account may then use the id; reserved ids stay reserved). The service account's sessions
+        never expire. Returns how many were deleted.
+        """
+        expiry = self.fishim_config.broker.session_expiry
+        if not expiry:
+            return 0
+        cutoff = self._loop.time() - expiry
+        expired = [session for session, _ in self._sessions.values()
+                   if STATE_KEY in session.attributes and not session.transitions.is_connected()
+                   and (state := state_of(session)).offline_since is not None
+                   and state.offline_since <= cutoff and state.principal.role != "service"]
+        for session in expired:
+            state = state_of(session)
+            log.info("session_expired %s", kv(client_id=session.client_id, user=state.principal.username,
+                                              queued=len(state.outbox.pending),
+                                              offline_s=f"{self._loop.time() - (state.offline_since or 0):.0f}"))
+            self._discard(session)
+        return len(expired)
+
+    async def revoke_removed_accounts(self) -> int:
+        """End every session (connected or not) of an account the authenticator no longer knows.
+
+        Asks the authenticator's optional ``valid_principals(principals) -> set`` (in a worker
+        thread: it may read the store) about every named principal with a session. A connected
+        client is dropped without its will; the session, its subscriptions and queue are deleted.
+        """
+        check = getattr(self.authenticator, "valid_principals", None)
+        principals = {state_of(s).principal for s, _ in self._sessions.values()
+                      if STATE_KEY in s.attributes and not state_of(s).principal.anonymous}
+        if check is None or not principals:
+            return 0
+        valid = await asyncio.to_thread(check, principals)
+        revoked = [(session, handler) for session, handler in list(self._sessions.values())
+                   if STATE_KEY in session.attributes and state_of(session).principal in principals - valid]
+        for session, handler in revoked:
+            log.warning("session_revoked %s", kv(client_id=session.client_id,
+                                                 user=state_of(session).principal.username,
+                                                 reason="account_removed"))
+            session.will_flag = False
+            if session.transitions.is_connected() and isinstance(handler, FishimHandler):
+                session.clean_session = True  # _end_connection deletes it once the connection is down
+                handler.guard.abort("account_removed")
+            else:
+                self._discard(session)
+        return len(revoked)
 
     # -- connection lifecycle ----------------------------------------------------------------
 
     async def _serve(self, listener: ListenerConfig, guard: GuardedReader, writer: WriterAdapter) -> None:
         """One client connection, from CONNECT to teardown; never lets an exception escape."""
         task = asyncio.current_task()
+        host = guard.peer.rpartition(":")[0].strip("[]")
+        if not self._admit(host):
+            guard.close()
+            await _refuse(writer, None)
+            return
         if task is not None:
             self._connections.add(task)
         try:
@@ -361,6 +465,34 @@ class FishimBroker(Broker):
             guard.close()
             if task is not None:
                 self._connections.discard(task)
+            self._release(host)
+
+    def _admit(self, host: str) -> bool:
+        """Count a new connection from ``host``; False if it already has
+        ``limits.max_connections_per_address`` open (0: no cap). The connection is then closed
+        before its CONNECT is read. Logged once per episode (a WARNING), with the total when the
+        address drops back under the cap, so a flood of refusals cannot flood the log."""
+        cap = self.limits.max_connections_per_address
+        count = self._per_host.get(host, 0)
+        if cap and count >= cap:
+            refused = self._host_refusals.get(host, 0) + 1
+            self._host_refusals[host] = refused
+            if refused == 1:
+                log.warning("connect_refused %s", kv(peer=host, reason="too_many_connections", limit=cap))
+            return False
+        self._per_host[host] = count + 1
+        return True
+
+    def _release(self, host: str) -> None:
+        count = self._per_host.get(host, 0) - 1
+        if count > 0:
+            self._per_host[host] = count
+        else:
+            self._per_host.pop(host, None)
+        refused = self._host_refusals.pop(host, 0)
+        if refused:
+            log.info("connections_refused %s", kv(peer=host, refused=refused,
+                                                  limit=self.limits.max_connections_per_address))
 
     async def _open(self, listener: ListenerConfig, guard: GuardedReader,
                     writer: WriterAdapter) -> tuple[Session, FishimHandler] | None:
@@ -377,9 +509,23 @@ class FishimBroker(Broker):
         if principal is None:
             log.info("connect_refused %s", kv(client_id=request.client_id, peer=guard.peer,
                                               listener=listener.name, user=request.username, reason=reason))
-            await _refuse(writer, SERVER_UNAVAILABLE if reason == "authenticator_error" else NOT_AUTHORIZED)
+            busy = reason in ("authenticator_error", "login_busy")
+            await _refuse(writer, SERVER_UNAVAILABLE if busy else NOT_AUTHORIZED)
             return None
-        session, present = await self._claim_session(request, principal, guard)
+        refusal = self._client_id_refusal(request.client_id, principal)
+        if refusal is not None:
+            log.warning("connect_refused %s", kv(client_id=request.client_id, peer=guard.peer,
+                                                 listener=listener.name, user=principal.username,
+                                                 role=principal.role, reason=refusal))
+            await _refuse(writer, IDENTIFIER_REJECTED)
+            return None
+        if principal.role != "service" and not principal.anonymous:
+            guard.limit_publish_rate(self.limits.publish_rate, self.limits.publish_burst)
+        claimed = await self._claim_session(request, principal, guard)
+        if claimed is None:
+            await _refuse(writer, IDENTIFIER_REJECTED)
+            return None
+        session, present = claimed
         handler = FishimHandler(self, guard)
         handler.attach(session, guard, writer)
         session.transitions.connect()
@@ -403,6 +549,8 @@ class FishimBroker(Broker):
         try:
             result = self.authenticator.authenticate(request.username, request.password, peer, listener)
             principal = await result if inspect.isawaitable(result) else result
+        except LoginBusy:
+            return None, "login_busy"
         except Exception:
             log.exception("authenticator_failed %s", kv(client_id=request.client_id, peer=peer))
             return None, "authenticator_error"
@@ -412,19 +560,45 @@ class FishimBroker(Broker):
             return None, "will_topic_forbidden"
         return principal, "ok"
 
+    def _client_id_refusal(self, client_id: str, principal: Principal) -> str | None:
+        """Why ``principal`` may not use ``client_id`` (answered with CONNACK 0x02), or None.
+
+        A client id belongs to the principal whose session holds it, connected or persistent and
+        offline: nobody else may resume it, take it over (kicking the owner off) or end it with a
+        clean connect. The same username with another role, or an anonymous loopback login using
+        a user's name, is another principal. Once the session is gone (clean disconnect, expiry,
+        account removal) the id is free again. ``bridge.client_id`` and every id starting with
+        ``fishim-`` are reserved for the service account, session or not. The anonymous loopback
+        principal may use them too: it exists only while there are no accounts, when every local
+        client is equally trusted and the bridge itself may be connected anonymously.
+        """
+        if not (principal.role == "service" or principal.anonymous) and (
+                client_id == self.fishim_config.bridge.client_id or client_id.startswith(_SERVICE_ID_PREFIX)):
+            return "client_id_reserved"
+        current = self._sessions.get(client_id)
+        if current is not None and STATE_KEY in current[0].attributes \
+                and state_of(current[0]).principal != principal:
+            return "client_id_owned"
+        return None
+
     async def _claim_session(self, request: ConnectRequest, principal: Principal,
-                             guard: GuardedReader) -> tuple[Session, bool]:
+                             guard: GuardedReader) -> tuple[Session, bool] | None:
         """Take over a connected client id, then resume or replace its session (MQTT 3.1.1 §3.1.2.4).
 
-        Only the same principal resumes a persistent session: another user reusing a client id
-        gets a fresh one, never the previous owner's subscriptions and queued messages.
+        Only the session's own principal gets here (:meth:`_client_id_refusal`); the check is
+        repeated after the takeover's wait in case another principal claimed the id meanwhile.
         """
         client_id = request.client_id
         while (current := self._sessions.get(client_id)) and current[0].transitions.is_connected():
             await self._evict(current[0], cast(FishimHandler, current[1]))  # fishim registers no other kind
+        if (refusal := self._client_id_refusal(client_id, principal)) is not None:
+            log.warning("connect_refused %s", kv(client_id=client_id, peer=guard.peer,
+                                                 user=principal.username, reason=refusal))
+            return None
         old = current[0] if current else None
         if old is not None and not request.clean_session and state_of(old).principal == principal:
             session, present = old, True
+            state_of(session).offline_since = None
         else:
             if old is not None:
                 self._discard(old)
@@ -433,7 +607,7 @@ class FishimBroker(Broker):
             broker = self.fishim_config.broker
             session.attributes[STATE_KEY] = SessionState(principal, Outbox(
                 client_id, self.limits.max_queued, self._inflight_window(principal, client_id),
-                broker.retry_interval))
+                broker.retry_interval, self.limits.max_queued_bytes))
         session.clean_session = request.clean_session
         session.will_flag = request.will_topic is not None
         session.will_topic, session.will_message = request.will_topic, request.will_message
@@ -507,6 +681,8 @@ class FishimBroker(Broker):
         await self._stop_handler(handler)
         if session.clean_session and self._is_current(session, handler):
             self._discard(session)
+        elif self._is_current(session, handler):
+            state_of(session).offline_since = self._loop.time()
         reason = handler.guard.close_reason or ("disconnect" if handler.graceful else "connection_lost")
         log.info("disconnected %s", kv(client_id=session.client_id, reason=reason))
 
@@ -599,6 +775,8 @@ class FishimBroker(Broker):
                 m.tag.settle(result, acks)
         for handler, packets in acks.items():
             self.background(handler.send_raw(b"".join(packets)))
+        if work.committed and self.ingest is not None:
+            self.ingest.after_commit(work.committed)
 
     def _deliver(self, m: Inbound, result: Result) -> None:
         """Route one committed result: its events (stamped), the sender's error, or a sync reply."""
@@ -782,10 +960,19 @@ class FishimBroker(Broker):
             return _SUBSCRIBE_REFUSED
         granted = min(qos, QOS_1)
         entries = self._subscriptions.get(topic_filter)
+        held = entries is not None and any(s.client_id == session.client_id for s, _ in entries)
+        if not held and state.filters >= self.limits.max_subscriptions:
+            log.info("subscribe_refused %s", kv(client_id=session.client_id, topic_filter=topic_filter,
+                                                user=state.principal.username, reason="too_many_subscriptions",
+                                                limit=self.limits.max_subscriptions))
+            return _SUBSCRIBE_REFUSED
         if entries is None:
             entries = self._subscriptions[topic_filter] = []
             self._match_cache.clear()
-        entries[:] = [(s, q) for s, q in entries if s.client_id != session.client_id]
+        if held:
+            entries[:] = [(s, q) for s, q in entries if s.client_id != session.client_id]
+        else:
+            state.filters += 1
         entries.append((session, granted))
         log.debug("subscribed %s", kv(client_id=session.client_id, topic_filter=topic_filter, qos=granted))
         return granted
@@ -799,11 +986,57 @@ class FishimBroker(Broker):
         entries = self._subscriptions.get(topic_filter)
         if entries is None:
             return
+        before = len(entries)
         entries[:] = [(s, q) for s, q in entries if s.client_id != session.client_id]
+        state: SessionState | None = session.attributes.get(STATE_KEY)
+        if state is not None and len(entries) < before:
+            state.filters -= 1
         if not entries:
             del self._subscriptions[topic_filter]
             self._match_cache.clear()
         log.debug("unsubscribed %s", kv(client_id=session.client_id, topic_filter=topic_filter))
+
+    async def send_retained(self, handler: FishimHandler, session: Session,
+                            filters: list[tuple[str, int]]) -> None:
+        """Retained messages for a SUBSCRIBE's granted ``filters``, without holding the loop.
+
+        Each retained message the SUBSCRIBE matches is sent once, at the highest QoS its filters
+        grant (MQTT 3.1.1 §3.3.5 allows either; 64 copies of one filter must not mean 64 copies of
+        every status). Matching runs on a snapshot and yields to the loop every ``_RETAINED_CHUNK``
+        checks; meanwhile the session's outbox holds what is routed to it (:meth:`Outbox.hold`) and
+        the connection's later packets wait (``handler.gate``), so the order is as if it had all
+        happened in one step. Small jobs finish without yielding.
+        """
+        retained = list(self._retained_messages.items())
+        state = state_of(session)
+        if len(filters) * len(retained) > _RETAINED_CHUNK:
+            gate = handler.gate = self._loop.create_future()
+            state.outbox.hold()
+        else:
+            gate = None
+        found: dict[str, Delivery] = {}
+        try:
+            budget = _RETAINED_CHUNK
+            for topic_filter, granted in filters:
+                for topic, message in retained:
+                    budget -= 1
+                    if not budget:
+                        budget = _RETAINED_CHUNK
+                        await asyncio.sleep(0)
+                    qos = min(message.qos or 0, granted)
+                    seen = found.get(topic)
+                    if (seen is None or seen.qos < qos) and matches(topic, topic_filter) \
+                            and self.authorizer.may_receive(state.principal, topic):
+                        found[topic] = Delivery(topic, topic.encode("utf-8"), bytes(message.data), qos, True,
+                                                not state.outbox.connected)
+        finally:
+            if gate is None:
+                for delivery in found.values():
+                    state.outbox.put(delivery)
+            else:
+                state.outbox.release(list(found.values()))
+                handler.gate = None
+                gate.set_result(None)
 
     def queue_retained(self, session: Session, topic_filter: str, granted: int) -> None:
         """Retained messages for one new subscription, each passing the receive check."""
@@ -822,6 +1055,9 @@ class FishimBroker(Broker):
                                   not state.outbox.connected))
 
     def _drop_subscriptions(self, session: Session) -> None:
+        state: SessionState | None = session.attributes.get(STATE_KEY)
+        if state is not None:
+            state.filters = 0
         for topic_filter in list(self._subscriptions):
             entries = [(s, q) for s, q in self._subscriptions[topic_filter] if s.client_id != session.client_id]
             if entries:

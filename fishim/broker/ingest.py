@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from fishim.config import Config
-from fishim.ingest import Inbound, IngestHook, Work, Writer, set_synchronous
+from fishim.ingest import Committed, Inbound, IngestHook, Work, Writer, set_synchronous
 from fishim.store import DeadLetter, RetainedRow, Store
 
 log = logging.getLogger("fishim.broker")
@@ -78,6 +78,17 @@ class BrokerIngest:
         self._thread.start()
         log.info("ingest_started db=%s synchronous=%s next_seq=%d", self.writer.store.path,
                  self.config.store.synchronous, self.writer.store.next_seq())
+
+    def after_commit(self, committed: list[Committed]) -> None:
+        """The hooks' ``after_commit`` (on the loop, after routing); a failing hook is logged, never fatal."""
+        for hook in self.hooks:
+            after = getattr(hook, "after_commit", None)
+            if after is None:
+                continue
+            try:
+                after(committed)
+            except Exception:
+                log.exception("after_commit hook failed hook=%s", type(hook).__name__)
 
     @property
     def accepting(self) -> bool:

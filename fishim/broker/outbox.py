@@ -5,9 +5,13 @@ Replaces amqtt 0.12.1's delivery, which runs one task per message per subscriber
 disconnects (``ProtocolHandler._handle_qos1_message_flow`` pops ``inflight_out`` in ``finally``), and
 keeps nothing for anonymous sessions. Here each session owns one :class:`Outbox` for its lifetime:
 
-- ``pending``: messages not sent yet, FIFO, bounded by ``limits.max_queued``. When full, new messages
-  are dropped (as Mosquitto's ``max_queued_messages`` does) and the drop is logged: a WARNING on the
-  first drop and one with the total when the queue next empties or the session ends.
+- ``pending``: messages not sent yet, FIFO, bounded by ``limits.max_queued`` messages and
+  ``limits.max_queued_bytes`` (payload + topic bytes). When full, new messages are dropped (as
+  Mosquitto's ``max_queued_messages``/``max_queued_bytes`` do) and the drop is logged: a WARNING
+  naming the first dropped message's topic and size, and one with the totals (messages, bytes) when
+  the queue next empties or the session ends.
+- a hold (:meth:`Outbox.hold`/:meth:`Outbox.release`): while a SUBSCRIBE's retained messages are
+  collected in chunks, messages routed to the session wait behind them, so none overtakes them.
 - ``control``: SUBACK and UNSUBACK, written by the same pump ahead of everything else (not behind a
   backlog or a full in-flight window, as Mosquitto does). So a SUBSCRIBE's SUBACK comes first, and its
   retained messages, queued in the same step, come before anything published after it.
@@ -53,9 +57,14 @@ class Delivery(NamedTuple):
 class Outbox:
     """The outbound half of one MQTT session (see module docstring)."""
 
-    def __init__(self, client_id: str, max_queued: int, max_inflight: int, retry_interval: float) -> None:
+    def __init__(self, client_id: str, max_queued: int, max_inflight: int, retry_interval: float,
+                 max_queued_bytes: int = 16 * 1024 * 1024) -> None:
         self.client_id = client_id
         self.max_queued = max_queued
+        self.max_queued_bytes = max_queued_bytes
+        self.pending_bytes = 0
+        self.dropped_bytes = 0
+        self._held: deque[Delivery] | None = None
         self.max_inflight = max_inflight
         self.retry_interval = retry_interval
         self.pending: deque[Delivery] = deque()
@@ -76,14 +85,36 @@ class Outbox:
         """Queue a message; QoS 0 is not kept for an offline session (MQTT 3.1.1 §3.1.2.4)."""
         if self._pump_task is None and delivery.qos == 0:
             return
-        if len(self.pending) >= self.max_queued:
+        size = len(delivery.payload) + len(delivery.topic_bytes)
+        held = self._held
+        if len(self.pending) + (len(held) if held is not None else 0) >= self.max_queued \
+                or self.pending_bytes + size > self.max_queued_bytes:
             self.dropped += 1
+            self.dropped_bytes += size
             if self.dropped == 1:
                 log.warning("queue_full %s", kv(client_id=self.client_id, max_queued=self.max_queued,
-                                                 dropped=1, topic=delivery.topic))
+                                                 max_queued_bytes=self.max_queued_bytes,
+                                                 queued=len(self.pending), queued_bytes=self.pending_bytes,
+                                                 dropped=1, topic=delivery.topic, size=size))
+            return
+        self.pending_bytes += size
+        if held is not None:
+            held.append(delivery)
             return
         self.pending.append(delivery)
         self._wake.set()
+
+    def hold(self) -> None:
+        """Keep messages routed from now on aside until :meth:`release` (one hold at a time)."""
+        if self._held is None:
+            self._held = deque()
+
+    def release(self, first: list[Delivery]) -> None:
+        """Queue ``first`` (a SUBSCRIBE's retained messages), then what was held, in that order."""
+        held, self._held = self._held or deque(), None
+        self.pending_bytes -= sum(len(d.payload) + len(d.topic_bytes) for d in held)
+        for delivery in (*first, *held):
+            self.put(delivery if self.connected else delivery._replace(recheck=True))
 
     def put_packet(self, handler: BrokerProtocolHandler, packet: bytes) -> None:
         """Queue an encoded SUBACK/UNSUBACK for the connection ``handler`` (see ``control``).
@@ -128,19 +159,24 @@ class Outbox:
         # QoS 0 and acks are never kept offline; what stays is authorised again when it is finally sent
         self.control.clear()
         self.pending = deque(d._replace(recheck=True) for d in self.pending if d.qos)
+        self.pending_bytes = sum(len(d.payload) + len(d.topic_bytes) for d in self.pending)
+        if self._held is not None:
+            self.pending_bytes += sum(len(d.payload) + len(d.topic_bytes) for d in self._held)
 
     def discard(self) -> None:
         """The session is deleted (clean session, takeover by a clean connect, shutdown)."""
         self.report_drops()
         self.pending.clear()
+        self.pending_bytes = 0
         self.inflight.clear()
 
     def report_drops(self) -> None:
         """Log, once per overflow episode, how many messages the bound dropped."""
         if self.dropped:
             log.warning("queue_overflow %s", kv(client_id=self.client_id, dropped=self.dropped,
-                                                 max_queued=self.max_queued))
-            self.dropped = 0
+                                                 dropped_bytes=self.dropped_bytes, max_queued=self.max_queued,
+                                                 max_queued_bytes=self.max_queued_bytes))
+            self.dropped = self.dropped_bytes = 0
 
     async def _pump(
         self, handler: BrokerProtocolHandler, allowed: Callable[[str], bool], abort: Callable[[str], None]
@@ -191,6 +227,7 @@ class Outbox:
             if delivery.qos and len(self.inflight) >= self.max_inflight:
                 break
             pending.popleft()
+            self.pending_bytes -= len(delivery.payload) + len(delivery.topic_bytes)
             if delivery.recheck and not allowed(delivery.topic):
                 continue
             packet_id = 0

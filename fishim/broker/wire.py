@@ -13,9 +13,7 @@ server closes a connection for a protocol error.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import re
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -23,6 +21,7 @@ from dataclasses import dataclass
 from amqtt.adapters import ReaderAdapter
 
 from fishim.config import Limits
+from fishim.logs import kv
 
 log = logging.getLogger("fishim.broker")
 
@@ -42,27 +41,6 @@ IDENTIFIER_REJECTED = 0x02
 SERVER_UNAVAILABLE = 0x03
 BAD_CREDENTIALS = 0x04
 NOT_AUTHORIZED = 0x05
-
-_SAFE_LOG_VALUE = re.compile(r"^[\w.:@/+#$\[\]-]{1,200}$")
-
-
-def kv(**fields: object) -> str:
-    """``key=value`` pairs for one grep-able log line; client-supplied text is quoted and escaped.
-
-    Client ids, usernames and topics come from the network, so a newline in one must not forge a
-    second log line: anything outside a conservative character set is JSON-quoted.
-    """
-    parts = []
-    for key, value in fields.items():
-        if value is None:
-            text = "-"
-        elif isinstance(value, str) and not _SAFE_LOG_VALUE.match(value):
-            text = json.dumps(value[:200])
-        else:
-            text = str(value)
-        parts.append(f"{key}={text}")
-    return " ".join(parts)
-
 
 class Violation(Exception):
     """A packet MQTT 3.1.1 calls malformed or a protocol violation: the connection is closed."""
@@ -276,6 +254,12 @@ class GuardedReader(ReaderAdapter):
         self.on_oversize: Callable[[str, int, bytes], None] | None = None
         self.finished = asyncio.Event()
         """Set by :meth:`close`: the broker is done with this connection (a takeover waits for it)."""
+        self._rate = 0.0
+        self._burst = 0.0
+        self._tokens = 0.0
+        self._refilled = 0.0
+        self.throttled = 0
+        """PUBLISH packets this connection had to wait for (see :meth:`limit_publish_rate`)."""
 
     # -- amqtt's side ------------------------------------------------------------------------
 
@@ -305,6 +289,31 @@ class GuardedReader(ReaderAdapter):
         request = parse_connect(body, self._limits)
         self.client_id = request.client_id
         return request
+
+    def limit_publish_rate(self, rate: float, burst: int) -> None:
+        """At most ``rate`` PUBLISH and SUBSCRIBE packets a second on average, ``burst`` at once
+        (0: no limit). SUBSCRIBE counts because each one makes the broker send retained messages.
+
+        A token bucket checked before a PUBLISH is handed to amqtt: when it is empty, this
+        connection's reader waits for the next token, so a flooder is slowed down by TCP
+        back-pressure on its own socket while every other connection is served as usual.
+        """
+        self._rate, self._burst = rate, float(burst)
+        self._tokens, self._refilled = float(burst), self._loop.time()
+
+    async def _pace(self) -> None:
+        """Take one token, waiting for it if the bucket is empty."""
+        now = self._loop.time()
+        self._tokens = min(self._burst, self._tokens + (now - self._refilled) * self._rate)
+        self._refilled = now
+        if self._tokens < 1.0:
+            self.throttled += 1
+            if self.throttled == 1:
+                log.info("publish_throttled %s", kv(client_id=self.client_id, peer=self.peer,
+                                                     rate=self._rate, burst=int(self._burst)))
+            await asyncio.sleep((1.0 - self._tokens) / self._rate)
+            self._tokens, self._refilled = 1.0, self._loop.time()
+        self._tokens -= 1.0
 
     def watch(self, seconds: float | None) -> None:
         """Drop the connection once no packet has arrived for ``seconds`` (None: never).
@@ -356,6 +365,8 @@ class GuardedReader(ReaderAdapter):
         try:
             ptype, flags, body = await self._read_packet()
             self._check(ptype, flags, body)
+            if self._rate and ptype in (PUBLISH, SUBSCRIBE):
+                await self._pace()
         except EOFError:
             self._eof = True
             return False
@@ -476,6 +487,8 @@ class GuardedReader(ReaderAdapter):
             if ptype == SUBSCRIBE and cur.byte() > 2:
                 raise Violation("bad requested QoS byte")  # [MQTT-3.8.3-4]
             count += 1
+            if count > self._limits.max_filters_per_subscribe:
+                raise Violation(f"more than {self._limits.max_filters_per_subscribe} topic filters in one packet")
         if not count:
             raise Violation("no topic filters")
 

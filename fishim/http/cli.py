@@ -153,7 +153,8 @@ def orders_link(ctx: Ctx, order_id: str, ttl: str, as_json: bool) -> None:
     Example:
       fishim orders link o-1001 --ttl 2d
     """
-    from fishim.http.tokens import FINISHED_STATES, load_secret, make_token, tracking_user
+    from fishim.http.tokens import FINISHED_STATES, load_secret, make_token
+    from fishim.topics import tracking_user
     from fishim.views import parse_duration
 
     try:

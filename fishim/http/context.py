@@ -26,6 +26,7 @@ from fishim.auth import Principal, Role
 from fishim.config import Config, ListenerConfig
 from fishim.http import keys, tokens
 from fishim.store import Store
+from fishim.topics import tracking_user
 
 if TYPE_CHECKING:
     from fishim.auth import OrderAcl, StoreAuthenticator
@@ -141,7 +142,7 @@ class HttpContext:
         problem = tokens.token_problem(link, state)
         if link is None or problem is not None:
             raise unauthorized(f"token_{problem}", _TOKEN_PROBLEMS[problem or "invalid"])
-        return Principal(username=tokens.tracking_user(link.order), role=Role.CUSTOMER, order=link.order)
+        return Principal(username=tracking_user(link.order), role=Role.CUSTOMER, order=link.order)
 
     async def _api_key(self, key: str) -> Principal:
         name = await self.worker.run(keys.verify_key, key)

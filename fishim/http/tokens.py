@@ -23,7 +23,6 @@ from pydantic import BaseModel
 
 from fishim.topics import is_name
 
-TRACKING_PREFIX = "t-"  # the MQTT user of a tracking token is ``t-{order}``
 FINISHED_STATES = frozenset({"delivered", "cancelled"})
 _CONTEXT = b"fishim-link-v1:"
 
@@ -96,13 +95,3 @@ def token_problem(link: LinkToken | None, order_state: str | None, now: float | 
     return None
 
 
-def tracking_user(order: str) -> str:
-    return f"{TRACKING_PREFIX}{order}"
-
-
-def order_of_tracking_user(username: str | None) -> str | None:
-    """``t-o-17`` -> ``o-17``; None for any other name."""
-    if not username or not username.startswith(TRACKING_PREFIX):
-        return None
-    order = username[len(TRACKING_PREFIX):]
-    return order if is_name(order) else None

@@ -18,8 +18,8 @@ from starlette.responses import HTMLResponse
 
 from fishim.http import pages
 from fishim.http.context import HttpContext, HttpError
-from fishim.http.tokens import tracking_user
 from fishim.store import Store
+from fishim.topics import tracking_user
 
 _REFUSED = {
     "token_expired": ("Link expired", "This tracking link has expired. Ask the shop for a new one."),

@@ -35,7 +35,6 @@ BATCH = 50
 KEEP_DELIVERED_MS = 30 * 86_400_000  # delivered rows older than this are pruned (failed ones stay)
 PRUNE_EVERY_S = 3600.0
 IDLE_POLL_S = 1.0  # also the most a delivery waits if the nudge after its commit came too early
-NUDGE_DELAY_S = 0.02
 SIGNATURE_HEADER = "X-Fishim-Signature"
 
 
@@ -98,8 +97,9 @@ def classify(channel: str, payload: bytes) -> tuple[str, str | None]:
 class WebhookHook:
     """The ingest hook: outbox rows in the event's transaction, then a nudge to the dispatcher.
 
-    The hook runs on the ingest's writer thread before COMMIT, so the nudge is scheduled a moment
-    later on the loop; were it still early, the dispatcher's poll (``IDLE_POLL_S``) finds the rows.
+    ``in_transaction`` runs on the ingest's writer thread before COMMIT; ``after_commit`` runs on
+    the loop once the rows are committed, and wakes the dispatcher (its poll, ``IDLE_POLL_S``, is
+    only the safety net).
     """
 
     def __init__(self, config: Config) -> None:
@@ -107,6 +107,7 @@ class WebhookHook:
         self.wanted = {e for h in self.hooks for e in h.events}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._dispatcher: Dispatcher | None = None
+        self._queued = False  # set on the writer thread, read on the loop after the COMMIT
 
     def attach(self, loop: asyncio.AbstractEventLoop | None, dispatcher: Dispatcher | None) -> None:
         """Whom to nudge after queueing (None, None: nobody, e.g. while stopping)."""
@@ -125,10 +126,13 @@ class WebhookHook:
                                   getattr(order, "state", None))
                 enqueue(store, self.hooks, event, key or f"seq:{c.seq}", body, c.seq)
                 queued = True
-        loop, dispatcher = self._loop, self._dispatcher
-        if queued and loop is not None and dispatcher is not None:
-            with contextlib.suppress(RuntimeError):  # the loop closed under us: the rows wait for next start
-                loop.call_soon_threadsafe(loop.call_later, NUDGE_DELAY_S, dispatcher.wake)
+        self._queued = self._queued or queued
+
+    def after_commit(self, committed: Sequence[Any]) -> None:
+        """On the broker's loop, right after the COMMIT that queued rows: deliver them now."""
+        if self._queued and self._dispatcher is not None:
+            self._queued = False
+            self._dispatcher.wake()
 
 
 class Dispatcher:
