@@ -174,6 +174,11 @@ class OrderAcl:
         """
         customer: str | None
         rider: str | None
+        if principal.order is not None:  # a tracking link: its own order's rider, while that order is open
+            with self._reader.lock:
+                store = self._reader.store()
+                row = store.get_order(principal.order) if store is not None else None
+            return row is not None and row.rider == other and row.state not in ("delivered", "cancelled")
         if principal.role == Role.CUSTOMER:
             customer, rider = principal.username, other
         elif principal.role == Role.RIDER:
