@@ -31,6 +31,7 @@ from pydantic import BaseModel, Field
 from fishim.config import AlertsConfig, Priority, PushTarget
 from fishim.messages import PRIORITY_RANK, Notification
 from fishim.store import AlertRecord
+from fishim.topics import tracking_user
 
 Reason = Literal["mention", "unanswered_customer", "unassigned_packed", "pickup_overdue", "rider_offline",
                  "order_late", "delivery_failed"]
@@ -323,7 +324,7 @@ class AlertEngine:
     def _on_chat(self, fact: Fact, changes: Changes) -> None:
         order = fact.order
         role = self._role(fact.sender)
-        if order.customer and fact.sender == order.customer:
+        if order.customer and fact.sender in (order.customer, tracking_user(order.id)):  # app or tracking link
             self._start("unanswered_customer", order, changes, after=self.config.unanswered_customer_after,
                         fact=fact, text=f"customer {order.customer} is waiting for an answer on order {order.id}")
         elif role in STAFF_ROLES:

@@ -328,7 +328,7 @@ class Bridge:
             topic = msg.topic
         except UnicodeDecodeError:
             topic = "<not UTF-8>"
-        self._inbox.put(Inbound(topic, msg.payload, tag=_Tag(msg.mid, msg.qos, self._gen)))
+        self._inbox.put(Inbound(topic, bytes(msg.payload), tag=_Tag(msg.mid, msg.qos, self._gen)))
 
     def _on_subscribe(self, _c: mqtt.Client, _u: Any, _mid: int, rcs: list[ReasonCode], _p: Any) -> None:
         refused = [str(rc) for rc in rcs if rc.is_failure]

@@ -670,6 +670,7 @@ def alerts(click_ctx: click.Context, open_only: bool, as_json: bool) -> None:
     from fishim.views import alerts_list, fmt_age
 
     ctx = click_ctx.find_object(Ctx)
+    assert ctx is not None  # main() always sets it
     now = now_ms()
     with reading(ctx) as store:
         data = alerts_list(store, now, open_only=open_only)

@@ -701,7 +701,7 @@ class FishimClient:
 
     def _on_page(self, page: dict[str, Any]) -> None:
         with self._lock:
-            rid = page.get("request_id")
+            rid = str(page.get("request_id"))
             main = self._main is not None and rid == self._main.rid
             if not main and rid not in self._backfills:
                 return  # a reply to a request of an earlier connection

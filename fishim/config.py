@@ -240,6 +240,9 @@ class HttpSettings(_Strict):
 
     public_url: str | None = Field(default=None, pattern=r"^https?://[^\s/]+(/[^\s]*)?$")
     requests_per_minute: int = Field(default=600, gt=0)
+    # Where the web pages (tracking page, shop console) open MQTT over WebSocket. Default: the first
+    # ``ws`` listener's port on the host the page was loaded from (fishim.http.pages).
+    ws_url: str | None = Field(default=None, pattern=r"^wss?://[^\s/]+(/[^\s]*)?$")
 
 
 class WebhookConfig(_Strict):

@@ -159,7 +159,7 @@ class Receipt(Envelope):
 
 Message = Status | Chat | Location | Pick | Receipt
 
-BODY_MODELS: dict[Channel, type[Envelope]] = {
+BODY_MODELS: dict[Channel, type[Message]] = {
     Channel.STATUS: Status,
     Channel.CHAT: Chat,
     Channel.LOCATION: Location,

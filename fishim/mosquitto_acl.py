@@ -84,17 +84,17 @@ def _user_lines(store: Store, p: str, name: str, role: str) -> list[str]:
         case Role.SCANNER:
             return [f"topic write {p}/orders/+/picks"]
         case Role.RIDER | Role.CUSTOMER:
-            column = "rider" if role == Role.RIDER else "customer"
             lines = []
-            orders = store.list_orders(**{column: name}, limit=1_000_000)
+            orders = (store.list_orders(rider=name, limit=1_000_000) if role == Role.RIDER
+                      else store.list_orders(customer=name, limit=1_000_000))
             for order in sorted(orders, key=lambda o: o.id):  # stable: regenerated files diff cleanly
                 base = f"{p}/orders/{order.id}"
                 lines += [f"topic read {base}/#", f"topic write {base}/chat/{name}",
                           f"topic write {base}/receipts/{name}"]
                 if role == Role.RIDER:
                     lines += [f"topic write {base}/status", f"topic write {base}/location"]
-            contacts = {(o.customer if role == Role.RIDER else o.rider) for o in orders
-                        if o.state not in ("delivered", "cancelled")} - {None}
+            contacts = {c for o in orders if o.state not in ("delivered", "cancelled")
+                        if (c := o.customer if role == Role.RIDER else o.rider) is not None}
             lines += [f"topic read {p}/presence/{other}" for other in sorted(contacts)]  # open orders only
             return lines
     return []  # a role this version doesn't know: only its own lines above

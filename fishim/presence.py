@@ -19,6 +19,7 @@ import itertools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 from fishim.messages import PresenceMessage
 from fishim.store import now_ms
@@ -92,7 +93,7 @@ class PresenceTracker:
     def _update(self, user: str) -> None:
         now = self.clock()
         count = len(self._devices.get(user, {}))
-        state = "online" if count else "offline"
+        state: Literal["online", "offline"] = "online" if count else "offline"
         old = self._state.get(user)
         if old is not None and old.state == state and old.devices == count:
             return

@@ -338,7 +338,7 @@ def raw_mqtt() -> Iterator[Callable[[int], RawMqtt]]:
 # ==== end of embedded broker fixtures ===============================================================
 
 
-# ==== security fixtures (fishim/auth.py; tests/test_security_*.py) =================================
+# ==== security fixtures (fishim/auth/; tests/test_security_*.py) =================================
 # secure_broker_factory: start(db, listeners=[...], limits={...}, broker={...}, ingest=False) -> BrokerThread
 # running fishim's own StoreAuthenticator and OrderAcl over the store at ``db`` (thread.acl is the
 # OrderAcl); with ingest=True it is the broker of `fishim up`.

@@ -390,3 +390,14 @@ def test_alerts_and_push_config_round_trip_and_name_the_bad_key(tmp_path: object
     bad.write_text("push:\n  - {url: nonsense, roles: [owner]}\n", encoding="utf-8")
     with pytest.raises(ConfigError, match=r"push\.0\.url"):
         load_config(bad, env={})
+
+
+def test_a_customer_writing_through_its_tracking_link_is_waiting_too() -> None:
+    """The customer without an app chats as `t-{order}` (the tracking link's login): the same
+    unanswered-customer alert to staff, closed when staff answer."""
+    shop = Shop()
+    shop.chat("t-o1")
+    shop.advance(shop.config.unanswered_customer_after + 2 * S)
+    assert len(shop.to("staff1", "unanswered_customer")) == 1
+    shop.chat("staff1")
+    assert shop.live("unanswered_customer") == []

@@ -258,6 +258,24 @@ def test_malformed_first_packet_is_closed_without_traceback(embedded_broker, pah
     assert_broker_still_serves(embedded_broker.port, paho)
 
 
+def test_client_id_with_spaces_is_accepted_control_characters_and_long_ids_are_not(embedded_broker, raw_mqtt,
+                                                                                   paho, caplog):
+    """MQTT 3.1.1 allows any UTF-8 id (Mosquitto takes "rider 7 phone"); only what cannot be logged
+    safely or is over 128 characters is refused with 0x02, and the log line says which rule."""
+    caplog.set_level(logging.INFO, logger="fishim.broker")
+    phone = paho(embedded_broker.port, "rider 7 phone", clean_session=False)
+    phone.subscribe("t/spaces")
+    phone.publish("t/spaces", b"marker")
+    assert [m.payload for m in phone.until("t/spaces")] == [b"marker"]
+    for client_id, reason in (("rider\x07bell", "control character U+0007"), ("a\u2028b", "control character U+2028"),
+                              ("x" * 129, "client id of 129 characters, over 128")):
+        client = raw_mqtt(embedded_broker.port)
+        assert client.connect(client_id) == (False, 2)
+        assert client.read() is None
+        assert reason in caplog.text
+    assert raw_mqtt(embedded_broker.port).connect("x" * 128) == (False, 0)
+
+
 def test_empty_client_id_needs_a_clean_session(embedded_broker, raw_mqtt):
     assert raw_mqtt(embedded_broker.port).connect("", clean=True) == (False, 0)
     client = raw_mqtt(embedded_broker.port)

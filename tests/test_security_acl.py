@@ -230,3 +230,27 @@ def _tags(recorder: Recorder, sentinel: str, timeout: float = 30.0) -> list[str]
     return tags
 
 
+
+
+def test_a_tracking_link_sees_its_riders_presence_only_while_the_order_is_open(
+        shop: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
+    """`t-A1` (a tracking link: the customer of A1, no account) reads the presence of A1's rider r1,
+    not of another rider; once A1 is delivered, not even r1's."""
+    import shutil
+
+    from fishim.store import Store
+
+    db = tmp_path / "copy.db"
+    shutil.copy2(shop[0], db)
+    link = Principal(username="t-A1", role="customer", order="A1")
+    acl = OrderAcl(db, Config())
+    try:
+        assert acl.may_receive(link, "fishim/presence/r1")
+        assert not acl.may_receive(link, "fishim/presence/r2")
+        with Store(db) as store:
+            order = store.get_order("A1")
+            assert order is not None
+            store.put_order(order.model_copy(update={"state": "delivered"}))
+        assert not acl.may_receive(link, "fishim/presence/r1")
+    finally:
+        acl.close()

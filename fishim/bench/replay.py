@@ -55,7 +55,7 @@ async def replay_run(b: Bench, live: Live, user: str, rep: int) -> dict[str, Any
 
 
 def direct_replay(db: Path, user: str) -> dict[str, Any]:
-    """The sync engine alone on the same store, no network (scripts/bench_replay.py's peer figure)."""
+    """The sync engine alone on the same store, no network (the replay-client section's peer figure)."""
     from fishim.config import Config
     from fishim.sync import SyncServer
     from fishim.topics import Topics, parse

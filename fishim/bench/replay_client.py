@@ -117,7 +117,9 @@ def section_replay_client(b: Bench) -> dict[str, Any]:
     fill(db, b.plan.client_events)
     progress(f"replay-client: {b.plan.client_events:,} events through the order rules in "
              f"{time.monotonic() - started:.1f}s")
-    engine, network, client = [], [], []
+    engine: list[dict[str, Any]] = []
+    network: list[dict[str, Any]] = []
+    client: list[dict[str, Any]] = []
     with Stack(db, kind="embedded", probe=(USER, PASSWORD)) as stack:
         for rep in range(b.plan.reps):
             engine.append(engine_run(db))
@@ -125,7 +127,7 @@ def section_replay_client(b: Bench) -> dict[str, Any]:
             client.append(client_run(stack.port))
             progress(f"replay-client rep {rep + 1}: network {network[-1]['events_per_s']:,.0f}/s, FishimClient "
                      f"{client[-1]['events_per_s']:,.0f}/s, engine alone {engine[-1]['events_per_s']:,.0f}/s")
-    out = {"stored_events": b.plan.client_events, "reps": b.plan.reps,
+    out: dict[str, Any] = {"stored_events": b.plan.client_events, "reps": b.plan.reps,
            "engine": summarise(engine, "events_per_s", "events"),
            "network": summarise(network, "events_per_s", "events", "pages", "bytes"),
            "client": summarise(client, "events_per_s", "events")}

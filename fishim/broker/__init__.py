@@ -58,7 +58,7 @@ class Authenticator(Protocol):
 
     def authenticate(
         self, username: str | None, password: str | None, peer: str, listener: ListenerConfig
-    ) -> Principal | None: ...
+    ) -> Principal | Awaitable[Principal | None] | None: ...
 
 
 class Authorizer(Protocol):

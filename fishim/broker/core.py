@@ -43,6 +43,7 @@ from amqtt.mqtt.publish import PublishPacket
 from amqtt.mqtt.subscribe import SubscribePacket
 from amqtt.mqtt.unsubscribe import UnsubscribePacket
 from amqtt.session import Session
+from websockets.asyncio.server import Server as WebSocketServer
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
@@ -292,7 +293,7 @@ class FishimBroker(Broker):
         self._orders_head = f"{config.prefix}/orders/"
         self._service_user = config.bridge.username
         self.ports: dict[str, int] = {}
-        self._bound: dict[str, asyncio.Server | websockets.asyncio.server.Server] = {}
+        self._bound: dict[str, asyncio.Server | WebSocketServer] = {}
         self._connections: set[asyncio.Task[Any]] = set()
         self._background: set[asyncio.Future[Any]] = set()
         self._match_cache: dict[str, list[str]] = {}
@@ -328,7 +329,7 @@ class FishimBroker(Broker):
         for server in self._bound.values():
             server.close()
 
-    async def _open_listener(self, listener: ListenerConfig) -> asyncio.Server | websockets.asyncio.server.Server:
+    async def _open_listener(self, listener: ListenerConfig) -> asyncio.Server | WebSocketServer:
         tls = _tls_context(listener.name, listener.tls) if listener.tls else None
         try:
             if listener.type == "ws":

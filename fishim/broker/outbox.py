@@ -220,7 +220,7 @@ class Outbox:
 
     def _take_batch(self, allowed: Callable[[str], bool]) -> bytes:
         """Up to _BATCH queued messages, QoS 1 only while the in-flight window has room."""
-        packets = []
+        packets: list[bytes] = []
         pending = self.pending
         while pending and len(packets) < _BATCH:
             delivery = pending[0]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import unicodedata
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -195,18 +196,28 @@ def _connect_fields(cur: _Cursor, limits: Limits) -> ConnectRequest:
                           username, _password(raw_password))
 
 
+MAX_CLIENT_ID = 128
+_BAD_ID_CATEGORIES = frozenset(("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"))  # control, format, separators
+
+
 def _resolve_client_id(client_id: str, clean: bool) -> str:
     """Empty id: generated for a clean session, refused otherwise [MQTT-3.1.3-7/8].
 
-    Ids appear in every log line and in amqtt's session table, so unprintable ones are refused
-    with CONNACK 0x02 (the server MAY restrict ids, §3.1.3.1).
+    Any UTF-8 text is a valid id in MQTT 3.1.1, spaces included (Mosquitto takes them, and phones
+    send device names). fishim refuses only what it cannot show safely in a log line or hold
+    cheaply: control and format characters, line separators, and ids over
+    :data:`MAX_CLIENT_ID` characters; CONNACK 0x02 (the server MAY restrict ids, §3.1.3.1), and the
+    log line says which rule it broke.
     """
     if not client_id:
         if not clean:
             raise ConnectRefused("empty client id with clean_session=0", IDENTIFIER_REJECTED)
         return f"auto-{uuid.uuid4().hex}"
-    if len(client_id) > 128 or not client_id.isprintable() or " " in client_id:
-        raise ConnectRefused("client id not printable or over 128 characters", IDENTIFIER_REJECTED)
+    if len(client_id) > MAX_CLIENT_ID:
+        raise ConnectRefused(f"client id of {len(client_id)} characters, over {MAX_CLIENT_ID}", IDENTIFIER_REJECTED)
+    bad = next((c for c in client_id if unicodedata.category(c) in _BAD_ID_CATEGORIES), None)
+    if bad is not None:
+        raise ConnectRefused(f"client id contains control character U+{ord(bad):04X}", IDENTIFIER_REJECTED)
     return client_id
 
 

@@ -20,7 +20,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fishim.auth import LoginLimiter
-from fishim.http import api, media, tracking
+from fishim.http import api, media, pages, tracking
 from fishim.http.context import HttpContext, HttpError
 
 log = logging.getLogger("fishim.http")
@@ -103,6 +103,9 @@ def create_app(ctx: HttpContext) -> ASGIApp:
         Route("/media", media.upload, methods=["POST"]),
         Route("/media/{sha256}", media.download, methods=["GET", "HEAD"]),
         Route("/t/{token}", tracking.page, methods=["GET", "HEAD"]),
+        Route("/console", pages.console, methods=["GET", "HEAD"]),
+        Route("/console/me", pages.console_me, methods=["GET"]),
+        Route("/web/{name}", pages.asset, methods=["GET", "HEAD"]),
         Route("/api/orders", api.place_order, methods=["POST"]),
         Route("/api/orders/{order}/status", api.change_status, methods=["POST"]),
         Route("/api/orders/{order}", api.timeline, methods=["GET"]),

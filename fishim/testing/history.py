@@ -110,7 +110,7 @@ def lifecycle(writer: HistoryWriter, order_id: str, start: int, *, customer: str
             raise AssertionError(f"{topic}: {result}")
         clock += 20_000
 
-    items = [{"sku": "ROD-21", "qty": 1, "name": "Carbon rod 2.1 m"},
+    items: list[dict[str, Any]] = [{"sku": "ROD-21", "qty": 1, "name": "Carbon rod 2.1 m"},
              {"sku": "LURE-7", "qty": rng.randint(1, 3), "name": "Minnow lure 7 cm"}]
     order: list[str] = ["placed", "confirmed", "picking", "packed", "assigned", "picked_up", "delivering",
                         "delivered"]
@@ -125,7 +125,7 @@ def lifecycle(writer: HistoryWriter, order_id: str, start: int, *, customer: str
         send(t.picks(order_id), scanner, sku=sku, qty=1, scanner=scanner, bin="A3")
     if stop >= 4:
         send(t.status(order_id), staff, state="assigned", rider=rider)
-        send(t.receipts(order_id, customer), customer, read_up_to=writer.store.get_order(order_id).order_seq)
+        send(t.receipts(order_id, customer), customer, read_up_to=_order_seq(writer, order_id))
     if stop >= 5:
         send(t.status(order_id), rider, state="picked_up")
     if stop >= 6:
@@ -138,5 +138,11 @@ def lifecycle(writer: HistoryWriter, order_id: str, start: int, *, customer: str
              media=[{"kind": "image", "sha256": "ab" * 32, "mime": "image/jpeg", "size": 48213}])
     if stop >= 7:
         send(t.status(order_id), rider, state="delivered")
-        send(t.receipts(order_id, rider), rider, read_up_to=writer.store.get_order(order_id).order_seq)
+        send(t.receipts(order_id, rider), rider, read_up_to=_order_seq(writer, order_id))
     return clock
+
+
+def _order_seq(writer: HistoryWriter, order_id: str) -> int:
+    order = writer.store.get_order(order_id)
+    assert order is not None, f"order {order_id} was never placed"
+    return order.order_seq
