@@ -181,7 +181,8 @@ class PgStore(Store):
         self.lock_timeout = lock_timeout
         self.transient_errors = (sqlite3.OperationalError, psycopg.OperationalError)
         self.errors = (sqlite3.Error, psycopg.Error)
-        self.conn = _PgConnection(self)  # type: ignore[assignment]
+        self._pg = _PgConnection(self)
+        self.conn = self._pg  # type: ignore[assignment]  # the sqlite3.Connection subset the store uses
         self._fenced = threading.Event()
         if writer:
             self._take_lock()
@@ -211,29 +212,29 @@ class PgStore(Store):
 
     def lock_key(self) -> int:
         """One lock per database and schema: the shop's store."""
-        name = self.conn.raw.execute("SELECT current_database() || '.' || current_schema()").fetchone()
+        name = self._pg.raw.execute("SELECT current_database() || '.' || current_schema()").fetchone()
         return zlib.crc32(f"fishim-writer:{name[0] if name else ''}".encode())
 
     def _take_lock(self) -> None:
         key = self.lock_key()
-        held = self.conn.raw.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()
+        held = self._pg.raw.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()
         if not (held and held[0]):
             log.warning("standby: another bridge holds the writer lock of %s; waiting for it", self.label)
             try:
-                self.conn.raw.execute("SELECT pg_advisory_lock(%s)", (key,))
+                self._pg.raw.execute("SELECT pg_advisory_lock(%s)", (key,))
             except psycopg.OperationalError as exc:  # the server went away while we waited
                 raise StoreError(f"lost PostgreSQL {self.label} while waiting for the writer lock: "
                                  f"{str(exc).strip()}") from None
         # A holder that stops talking (hung, stopped, cut off) loses its session, hence the lock, after
         # lock_timeout; the heartbeat keeps a live but idle holder's session open.
         timeout_ms = int(self.lock_timeout * 1000)
-        self.conn.raw.execute(f"SET idle_session_timeout = {timeout_ms}")
-        self.conn.raw.execute(f"SET idle_in_transaction_session_timeout = {timeout_ms}")
+        self._pg.raw.execute(f"SET idle_session_timeout = {timeout_ms}")
+        self._pg.raw.execute(f"SET idle_in_transaction_session_timeout = {timeout_ms}")
         log.info("writer lock acquired store=%s key=%d", self.label, key)
 
     def _heartbeat(self) -> None:
         """Every lock_timeout/4, a statement on the lock session; the first failure fences this store."""
-        raw = self.conn.raw
+        raw = self._pg.raw
         while not self._fenced.wait(self.lock_timeout / 4):
             if raw.closed:
                 return  # closed by us
@@ -256,9 +257,9 @@ class PgStore(Store):
 
     def holds_lock(self) -> bool:
         """True while this store's session still holds the writer lock."""
-        if self.conn.raw.broken or self.conn.raw.closed:
+        if self._pg.raw.broken or self._pg.raw.closed:
             return False
-        row = self.conn.raw.execute(
+        row = self._pg.raw.execute(
             "SELECT count(*) FROM pg_locks WHERE locktype='advisory' AND pid=pg_backend_pid() AND granted"
             " AND ((classid::bigint << 32) | objid::bigint) = %s", (self.lock_key(),)).fetchone()
         return bool(row and row[0])
@@ -267,7 +268,7 @@ class PgStore(Store):
 
     def migrate(self) -> None:
         """Bring the database up to :data:`SCHEMA_VERSION`; concurrent starters wait on a lock."""
-        raw = self.conn.raw
+        raw = self._pg.raw
         with raw.transaction():
             raw.execute("SELECT pg_advisory_xact_lock(%s)", (self.lock_key() ^ 1,))
             raw.execute("CREATE TABLE IF NOT EXISTS fishim_schema (version BIGINT NOT NULL)")
@@ -294,7 +295,7 @@ class PgStore(Store):
         try:
             yield self.conn
         except BaseException:
-            if not (self.conn.raw.broken or self.conn.raw.closed):
+            if not (self._pg.raw.broken or self._pg.raw.closed):
                 self.conn.execute("ROLLBACK")
             raise
         self.conn.execute("COMMIT")
