@@ -315,8 +315,10 @@ def test_console_assigns_a_rider_and_cancels(web: tuple[HttpShop, Proxy], consol
         shop.send("boss", "o-11", "status", retain=True, state=state)
     _open_order(console, "o-11")
     console.wait_js("return document.getElementById('detail-state').dataset.state === 'packed'")
-    console.driver.find_element(By.ID, "assign-input").send_keys("rider7")
-    console.driver.find_element(By.ID, "assign-btn").click()
+    # the detail panel is redrawn as events arrive: fill and press in one step, retried until it is there
+    console.wait_js("const i = document.getElementById('assign-input'), b = document.getElementById('assign-btn');"
+                    "if (!i || !b) return false; i.value = arguments[0]; b.click(); return true;",
+                    "rider7", what="assign form filled and pressed")
     _stored_order(shop, "o-11", state="assigned", rider="rider7")
     console.wait_js("return document.getElementById('detail-rider').textContent === 'rider7'", what="rider shown")
     console.wait_js("return [...document.querySelectorAll('.rider[data-rider=rider7] .orders')]"
