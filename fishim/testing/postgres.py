@@ -19,7 +19,7 @@ import tempfile
 import weakref
 from pathlib import Path
 
-from fishim.testing import free_port, wait_for_port
+from fishim.testing import Managed, free_port, wait_for_port
 
 __all__ = ["Postgres", "find_postgres"]
 
@@ -46,7 +46,7 @@ def _stop(pg_ctl: str, data: str) -> None:
                    capture_output=True, timeout=30, check=False)
 
 
-class Postgres:
+class Postgres(Managed):
     """A PostgreSQL server on ``127.0.0.1:port``; :meth:`url` gives a ``postgresql://`` URL per database."""
 
     def __init__(self, *, bindir: Path | None = None, durable: bool = False, startup_timeout: float = 30.0) -> None:
@@ -103,13 +103,3 @@ class Postgres:
     def close(self) -> None:
         self.stop()
         shutil.rmtree(self.root, ignore_errors=True)
-
-    def __enter__(self) -> Postgres:
-        try:
-            return self.start()
-        except BaseException:
-            self.close()
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

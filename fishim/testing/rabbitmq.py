@@ -25,7 +25,7 @@ import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
-from fishim.testing import free_port, wait_for_port
+from fishim.testing import Managed, free_port, wait_for_port
 
 __all__ = ["RabbitCluster", "find_rabbitmq"]
 
@@ -69,7 +69,7 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
         proc.wait(10)
 
 
-class RabbitCluster:
+class RabbitCluster(Managed):
     """``nodes`` RabbitMQ nodes clustered together, MQTT on each; use as a context manager.
 
     ``mirror_sessions`` (default) sets a classic-mirrored-queue policy on the plugin's session
@@ -221,13 +221,3 @@ class RabbitCluster:
                     os.kill(pid, signal.SIGKILL)
         self._finalizer()
         shutil.rmtree(self.root, ignore_errors=True)
-
-    def __enter__(self) -> RabbitCluster:
-        try:
-            return self.start()
-        except BaseException:
-            self.close()
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
