@@ -98,22 +98,13 @@ class _Empty:
         return iter(())
 
 
-class _Inserted:
+class _Inserted(_Empty):
     """A one-row INSERT's result with :class:`sqlite3.Cursor`'s ``lastrowid`` (from ``RETURNING id``)."""
 
     def __init__(self, cur: Any) -> None:
         row = cur.fetchone()
         self.lastrowid = int(row[0]) if row else None
         self.rowcount = cur.rowcount
-
-    def fetchone(self) -> None:
-        return None
-
-    def fetchall(self) -> list[Any]:
-        return []
-
-    def __iter__(self) -> Iterator[Any]:
-        return iter(())
 
 
 class _PgConnection:

@@ -40,23 +40,39 @@ def count(url: str) -> int:
         return store.count_events()
 
 
-def test_standby_takes_over_after_kill9(pg_url: Callable[[str], str], tmp_path: Path) -> None:
-    url = pg_url("failover")
+def _config(tmp_path: Path, url: str) -> Path:
     config = tmp_path / "broker.yaml"
     config.write_text(f"store: {{url: '{url}', lock_timeout: {LOCK_TIMEOUT}}}\n")
+    return config
+
+
+def _bridge(config: Path, broker: Mosquitto, cwd: Path) -> Proc:
+    """``fishim bridge`` on the PostgreSQL store, behind ``broker``."""
+    return Proc([PY, "-m", "fishim", "-c", str(config), "bridge", "--broker", f"mqtt://127.0.0.1:{broker.port}"],
+                env=clean_env(), cwd=cwd)
+
+
+def _active_and_standby(start: Callable[[], Proc]) -> tuple[Proc, Proc]:
+    """Two bridges on one store: the first holds the writer lock, the second waits for it."""
+    active = start()
+    active.wait_log("bridge ready")
+    standby = start()
+    standby.wait_log("standby: another bridge holds the writer lock")
+    return active, standby
+
+
+def test_standby_takes_over_after_kill9(pg_url: Callable[[str], str], tmp_path: Path) -> None:
+    url = pg_url("failover")
+    config = _config(tmp_path, url)
     procs: list[Proc] = []
     with Mosquitto() as broker:
 
         def bridge() -> Proc:
-            procs.append(Proc([PY, "-m", "fishim", "-c", str(config), "bridge", "--broker",
-                               f"mqtt://127.0.0.1:{broker.port}"], env=clean_env(), cwd=tmp_path))
+            procs.append(_bridge(config, broker, tmp_path))
             return procs[-1]
 
         try:
-            active = bridge()
-            active.wait_log("bridge ready")
-            standby = bridge()
-            standby.wait_log("standby: another bridge holds the writer lock")
+            active, standby = _active_and_standby(bridge)
             with connect_client(broker.port) as publisher:
                 for o in range(ORDERS):
                     publish_and_wait(publisher, f"fishim/orders/O{o}/status", placed(f"O{o}"), retain=True)
@@ -106,21 +122,16 @@ def test_hung_holder_loses_the_lock_and_never_writes(pg_url: Callable[[str], str
     """A holder that stops answering (SIGSTOP: its sockets stay open, so only silence shows it) loses its
     session after lock_timeout; the standby takes over; resumed, the old one writes nothing and exits 1."""
     url = pg_url("hung")
-    config = tmp_path / "broker.yaml"
-    config.write_text(f"store: {{url: '{url}', lock_timeout: {LOCK_TIMEOUT}}}\n")
+    config = _config(tmp_path, url)
     procs: list[Proc] = []
     with Mosquitto() as broker:
 
         def bridge() -> Proc:
-            procs.append(Proc([PY, "-m", "fishim", "-c", str(config), "bridge", "--broker",
-                               f"mqtt://127.0.0.1:{broker.port}"], env=clean_env(), cwd=tmp_path))
+            procs.append(_bridge(config, broker, tmp_path))
             return procs[-1]
 
         try:
-            active = bridge()
-            active.wait_log("bridge ready")
-            standby = bridge()
-            standby.wait_log("standby: another bridge holds the writer lock")
+            active, standby = _active_and_standby(bridge)
             with connect_client(broker.port) as publisher:
                 publish_and_wait(publisher, "fishim/orders/H1/status", placed("H1"), retain=True)
                 wait_until(lambda: count(url) == 1, 30, "the first event stored")

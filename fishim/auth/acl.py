@@ -32,7 +32,6 @@ _READ_OWN: tuple[Template, ...] = (("sync", "<self>", "<any>", "events"), ("erro
                                    ("notify", "<self>"))
 # Presence of the other side of an open order (a customer's rider, a rider's customers): "<contact>".
 _CONTACTS: tuple[Template, ...] = (("presence", "<contact>"),)
-_SERVICE_ONLY = ("presence", "notify")  # published by fishim alone, whatever the role's templates say
 _WRITE_OWN: tuple[Template, ...] = (("sync", "<self>", "<any>", "request"),)
 _EVERYTHING: tuple[Template, ...] = (("#",),)
 
